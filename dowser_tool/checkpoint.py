@@ -1,0 +1,413 @@
+"""Checkpoint access: one tensor (or one block) at a time, from a folder or the Hub.
+
+A `Checkpoint` lists tensor names, dtypes and shapes from headers alone and
+reads tensors lazily:
+- local folders: validated headers, then memory-mapped reads with `safe_open`;
+- Hub repos: the revision is resolved to a commit sha once, headers and tensors
+  are fetched with HTTP range requests against that sha (adjacent tensors of a
+  block in one request), so reading one block never downloads the checkpoint.
+  `download=True` instead fetches whole shards into the standard HF cache with
+  `hf_hub_download`; `HF_HUB_OFFLINE=1` reads the cache only.
+PyTorch pickles are refused unless `allow_pickle=True` (then `weights_only=True`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DowserError
+from .safetensors_format import (
+    Header,
+    TensorEntry,
+    parse_header,
+    parse_header_length,
+    read_header,
+    tensor_from_bytes,
+)
+
+SAFETENSORS_FILES = ("model.safetensors", "adapter_model.safetensors")
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_FILES = ("pytorch_model.bin", "adapter_model.bin")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Ranges closer than this are fetched in one request (the gap is cheaper than a round trip).
+COALESCE_GAP = 1 << 20
+_FIRST_READ = 1 << 16  # most headers fit; one request gives header length, header and file size
+
+
+@dataclass(frozen=True)
+class TensorRef:
+    file: str  # path relative to the checkpoint root
+    entry: TensorEntry | None  # None for pickled tensors
+
+
+def hub_endpoint() -> str:
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def hub_cache_dir() -> str:
+    """The HF hub cache, read from the environment at call time (huggingface_hub reads it at import)."""
+    from huggingface_hub import constants
+
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return os.path.join(os.environ["HF_HOME"], "hub")
+    return constants.HF_HUB_CACHE
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE") or os.environ.get(
+        "TRANSFORMERS_OFFLINE", ""
+    ).upper() in ("1", "ON", "YES", "TRUE")
+
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+class _LocalFiles:
+    def __init__(self, root: Path):
+        self.root = root
+
+    def exists(self, name: str) -> bool:
+        return (self.root / name).is_file()
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    def read_range(self, name: str, start: int, end: int) -> bytes:
+        with open(self.root / name, "rb") as f:
+            f.seek(start)
+            return f.read(end - start)
+
+    def header(self, name: str) -> Header:
+        return read_header(self.root / name)
+
+    def list(self) -> list[str]:
+        return sorted(str(p.relative_to(self.root)) for p in self.root.rglob("*") if p.is_file())
+
+
+class _HubFiles:
+    """A repo at one commit, read by byte ranges (or whole files into the HF cache)."""
+
+    def __init__(self, repo_id: str, sha: str, files: list[str], download: bool, revision: str | None):
+        self.repo_id, self.sha, self.files, self.download = repo_id, sha, files, download
+        self.revision = revision or "main"
+        self.endpoint = hub_endpoint()
+        self._local: dict[str, Path] = {}
+        self.bytes_read = 0
+
+    def exists(self, name: str) -> bool:
+        return name in self.files
+
+    def url(self, name: str) -> str:
+        from huggingface_hub import hf_hub_url
+
+        return hf_hub_url(self.repo_id, name, revision=self.sha, endpoint=self.endpoint)
+
+    def path(self, name: str) -> Path:
+        """Whole file in the standard HF cache (downloaded once)."""
+        if name not in self._local:
+            from huggingface_hub import hf_hub_download
+
+            try:
+                p = hf_hub_download(
+                    self.repo_id, name, revision=self.sha, endpoint=self.endpoint, cache_dir=hub_cache_dir()
+                )
+            except Exception as e:  # network and HTTP errors all mean the same to the user
+                raise DowserError(f"{self.repo_id}/{name}@{self.sha[:12]}: download failed ({_short(e)})") from None
+            self._local[name] = Path(p)
+            self._record_ref()
+        return self._local[name]
+
+    def _record_ref(self) -> None:
+        """Note revision -> sha in the cache (as hf_hub_download does for names) so HF_HUB_OFFLINE finds it."""
+        from huggingface_hub.file_download import repo_folder_name
+
+        if self.revision == self.sha:
+            return
+        ref = Path(hub_cache_dir()) / repo_folder_name(repo_id=self.repo_id, repo_type="model") / "refs" / self.revision
+        ref.parent.mkdir(parents=True, exist_ok=True)
+        ref.write_text(self.sha)
+
+    def read_range(self, name: str, start: int, end: int, want_size: bool = False):
+        if self.download or name in self._local:
+            data = _LocalFiles(self.path(name).parent).read_range(self.path(name).name, start, end)
+            return (data, os.path.getsize(self.path(name))) if want_size else data
+        from huggingface_hub import get_session
+        from huggingface_hub.utils import build_hf_headers
+
+        headers = build_hf_headers()
+        headers["Range"] = f"bytes={start}-{end - 1}"
+        headers["Accept-Encoding"] = "identity"
+        where = f"{self.repo_id}/{name}@{self.sha[:12]}"
+        try:
+            r = get_session().get(self.url(name), headers=headers, follow_redirects=True)
+        except Exception as e:
+            raise DowserError(f"{where}: ranged read failed ({_short(e)})") from None
+        if r.status_code not in (200, 206):
+            raise DowserError(f"{where}: ranged read failed (HTTP {r.status_code})")
+        data = r.content
+        if r.status_code == 200:  # server ignored the range: keep only what was asked
+            total = len(data)
+            data = data[start:end]
+        else:
+            total = int(r.headers.get("Content-Range", "*/0").rsplit("/", 1)[-1] or 0)
+        self.bytes_read += len(data)
+        return (data, total) if want_size else data
+
+    def header(self, name: str) -> Header:
+        where = f"{self.repo_id}/{name}@{self.sha[:12]}"
+        first, size = self.read_range(name, 0, _FIRST_READ, want_size=True)
+        n = parse_header_length(first, where)
+        if 8 + n > size:
+            raise DowserError(f"{where}: truncated: header claims {n} bytes, file has {size}")
+        raw = first[8 : 8 + n] if len(first) >= 8 + n else self.read_range(name, 8, 8 + n)
+        return parse_header(raw, size, where)
+
+    def list(self) -> list[str]:
+        return list(self.files)
+
+
+def _short(e: Exception) -> str:
+    msg = str(e).strip().splitlines()
+    return f"{e.__class__.__name__}: {msg[0]}" if msg else e.__class__.__name__
+
+
+class Checkpoint:
+    """Lazy, read-only access to the tensors and files of one model checkpoint."""
+
+    def __init__(self, source: str, files, revision: str | None, sha: str | None, allow_pickle: bool):
+        self.source = source
+        self.revision = revision
+        self.sha = sha
+        self.is_remote = isinstance(files, _HubFiles)
+        self._files = files
+        self._handles: dict[str, object] = {}  # open safe_open handles / loaded pickles, by file
+        self.config: dict | None = self._json("config.json")
+        self.weight_files, self._refs = self._index_weights(allow_pickle)
+
+    # ---- description -------------------------------------------------
+    def __repr__(self) -> str:
+        at = f"@{self.sha[:12]}" if self.sha else ""
+        return f"Checkpoint({self.source}{at}, {len(self._refs)} tensors)"
+
+    @property
+    def where(self) -> str:
+        return self.source + (f"@{self.revision}" if self.revision else "")
+
+    def tensor_names(self) -> list[str]:
+        return list(self._refs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._refs
+
+    def ref(self, name: str) -> TensorRef:
+        try:
+            return self._refs[name]
+        except KeyError:
+            raise DowserError(f"{self.where}: no tensor named {name!r}") from None
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        ref = self.ref(name)
+        return ref.entry.shape if ref.entry else tuple(self._pickled(ref.file)[name].shape)
+
+    def dtype(self, name: str) -> torch.dtype:
+        ref = self.ref(name)
+        return ref.entry.torch_dtype if ref.entry else self._pickled(ref.file)[name].dtype
+
+    def files(self) -> list[str]:
+        """Every file of the checkpoint (relative names)."""
+        return self._files.list()
+
+    def file_path(self, name: str) -> Path:
+        """A local path to one file (downloaded into the HF cache for Hub checkpoints)."""
+        if not self._files.exists(name):
+            raise DowserError(f"{self.where}: no file {name!r}")
+        return self._files.path(name)
+
+    def header(self, file: str) -> Header:
+        return self._files.header(file)
+
+    @property
+    def bytes_read(self) -> int:
+        """Bytes fetched over HTTP so far (0 for local checkpoints)."""
+        return getattr(self._files, "bytes_read", 0)
+
+    # ---- reading -----------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        return self.read_many([name])[name]
+
+    def read_many(self, names) -> dict[str, torch.Tensor]:
+        """Read several tensors; on the Hub, adjacent ones come in one ranged request."""
+        names = list(names)
+        out: dict[str, torch.Tensor] = {}
+        by_file: dict[str, list[TensorEntry]] = {}
+        for name in names:
+            ref = self.ref(name)
+            if ref.entry is None:
+                out[name] = self._pickled(ref.file)[name]
+            elif self.is_remote and not self._files.download:
+                by_file.setdefault(ref.file, []).append(ref.entry)
+            else:
+                out[name] = self._safe_open(ref.file).get_tensor(name)
+        for file, entries in by_file.items():
+            for start, end, group in _coalesce(entries):
+                buf = memoryview(self._files.read_range(file, start, end))
+                if len(buf) != end - start:
+                    raise DowserError(f"{self.where}/{file}: truncated: wanted {end - start} bytes, got {len(buf)}")
+                for e in group:
+                    out[e.name] = tensor_from_bytes(buf[e.start - start : e.end - start], e)
+        return {n: out[n] for n in names}
+
+    def read_bytes(self, file: str, start: int, end: int) -> bytes:
+        return self._files.read_range(file, start, end)
+
+    def read_text(self, name: str) -> str | None:
+        if not self._files.exists(name):
+            return None
+        return Path(self._files.path(name)).read_text(encoding="utf-8")
+
+    def close(self) -> None:
+        self._handles.clear()
+
+    # ---- internals ---------------------------------------------------
+    def _json(self, name: str) -> dict | None:
+        text = self.read_text(name) if self._files.exists(name) else None
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DowserError(f"{self.where}/{name}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+    def _index_weights(self, allow_pickle: bool):
+        f = self._files
+        if f.exists(SAFETENSORS_INDEX):
+            shard_files = self._shards_from_index(SAFETENSORS_INDEX)
+        else:
+            shard_files = [n for n in SAFETENSORS_FILES if f.exists(n)][:1]
+        if shard_files:
+            refs: dict[str, TensorRef] = {}
+            for shard in shard_files:
+                for name, entry in f.header(shard).tensors.items():
+                    if name in refs:
+                        raise DowserError(f"{self.where}: tensor {name!r} appears in {refs[name].file} and {shard}")
+                    refs[name] = TensorRef(shard, entry)
+            return shard_files, refs
+        pickles = self._shards_from_index(PICKLE_INDEX) if f.exists(PICKLE_INDEX) else [
+            n for n in PICKLE_FILES if f.exists(n)
+        ][:1]
+        if pickles:
+            if not allow_pickle:
+                raise DowserError(
+                    f"{self.where}: weights are PyTorch pickles ({pickles[0]}), which can run code when loaded; "
+                    "convert them to safetensors or pass --allow-pickle to load them with weights_only=True"
+                )
+            refs = {}
+            for shard in pickles:
+                for name in self._pickled(shard):
+                    refs[name] = TensorRef(shard, None)
+            return pickles, refs
+        raise DowserError(
+            f"{self.where}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
+            "adapter_model.safetensors or pytorch_model.bin)"
+        )
+
+    def _shards_from_index(self, index_name: str) -> list[str]:
+        index = self._json(index_name)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise DowserError(f"{self.where}/{index_name}: no weight_map")
+        shards = sorted(set(weight_map.values()))
+        for shard in shards:
+            if not self._files.exists(shard):
+                raise DowserError(f"{self.where}/{index_name}: names shard {shard!r}, which is missing")
+        return shards
+
+    def _safe_open(self, file: str):
+        if file not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[file] = safe_open(str(self._files.path(file)), framework="pt", device="cpu")
+        return self._handles[file]
+
+    def _pickled(self, file: str) -> dict:
+        if file not in self._handles:
+            try:
+                sd = torch.load(str(self._files.path(file)), map_location="cpu", weights_only=True, mmap=True)
+            except Exception as e:
+                raise DowserError(f"{self.where}/{file}: cannot load pickle with weights_only=True ({_short(e)})") from None
+            if not isinstance(sd, dict):
+                raise DowserError(f"{self.where}/{file}: pickle does not hold a state dict")
+            self._handles[file] = sd
+        return self._handles[file]
+
+
+def _coalesce(entries: list[TensorEntry]):
+    """Group entries of one file into ranges; entries closer than COALESCE_GAP share a request."""
+    entries = sorted(entries, key=lambda e: e.start)
+    groups: list[tuple[int, int, list[TensorEntry]]] = []
+    for e in entries:
+        if groups and e.start - groups[-1][1] <= COALESCE_GAP:
+            start, end, members = groups[-1]
+            groups[-1] = (start, max(end, e.end), members + [e])
+        else:
+            groups.append((e.start, e.end, [e]))
+    return groups
+
+
+def open_checkpoint(
+    source: str | os.PathLike,
+    revision: str | None = None,
+    *,
+    allow_pickle: bool = False,
+    download: bool = False,
+) -> Checkpoint:
+    """Open a local folder or a Hub repo id (at `revision`: branch, tag or commit)."""
+    source = str(source)
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if revision:
+            raise DowserError(f"{source}: --revision applies to Hub repos, not local folders")
+        return Checkpoint(str(path), _LocalFiles(path), None, None, allow_pickle)
+    if path.exists():
+        raise DowserError(f"{source}: is a file; pass the checkpoint folder")
+    if not _REPO_ID.match(source) or source.startswith((".", "/", "~")):
+        raise DowserError(f"{source}: no such folder")
+    return _open_hub(source, revision, allow_pickle, download)
+
+
+def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, download: bool) -> Checkpoint:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = hub_endpoint()
+    if hub_offline():
+        try:
+            folder = Path(
+                snapshot_download(repo_id, revision=revision, local_files_only=True, cache_dir=hub_cache_dir())
+            )
+        except Exception:
+            raise DowserError(
+                f"{repo_id}: not a local folder, and HF_HUB_OFFLINE is set but the repo"
+                f"{' at ' + revision if revision else ''} is not in the HF cache"
+            ) from None
+        return Checkpoint(repo_id, _LocalFiles(folder), revision, folder.name, allow_pickle)
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        raise DowserError(f"{repo_id}: revision {revision!r} does not exist") from None
+    except RepositoryNotFoundError:
+        raise DowserError(f"{repo_id}: no such local folder, and no such repo on {endpoint} (or it is private)") from None
+    except Exception as e:
+        raise DowserError(f"{repo_id}: cannot reach {endpoint} ({_short(e)})") from None
+    files = [s.rfilename for s in (info.siblings or [])]
+    return Checkpoint(repo_id, _HubFiles(repo_id, info.sha, files, download, revision), revision, info.sha, allow_pickle)

@@ -1,0 +1,230 @@
+"""The mask sidecar, `NAME.dowser.safetensors` (specified in docs/FORMAT.md).
+
+A plain safetensors file:
+- `mask/<name>`: U8, ceil(numel/8) bytes, the protected-entry mask of weight
+  <name> (a checkpoint tensor name of the base model), row-major, packed 8 per
+  byte most-significant bit first (numpy.packbits order), 1 = protected.
+- optional statistics: `psi/<name>` F32 (U, out), `a/<name>` F32 (U, in), and
+  `stats/update_weights` F32 (U,); score = |W| (.) Psi^T diag(w) A / sum(w).
+- optional `probe/token_ids` I64 (K, T): the probe sequences used.
+- string metadata: format, format_version, provenance and settings (JSON values).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .errors import DowserError
+from .outputs import atomic_file
+from .safetensors_format import TORCH_TO_ST, StreamingWriter, read_header
+from .scoring import cut_mask, score_matrix, validate_ratio
+
+FORMAT_NAME = "dowser-mask"
+FORMAT_VERSION = 1
+SUFFIX = ".dowser.safetensors"
+
+_BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Bool tensor -> U8 (ceil(numel/8),), row-major, MSB first, zero-padded."""
+    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
+    pad = -flat.numel() % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
+    """Inverse of pack_bits: U8 bytes -> Bool tensor of `shape`."""
+    n = math.prod(shape)
+    if packed.numel() != (n + 7) // 8:
+        raise ValueError(f"{packed.numel()} packed bytes cannot hold {n} bits")
+    bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)[:n]
+    return bits.reshape(tuple(shape))
+
+
+@dataclass
+class SidecarData:
+    """Everything a sidecar holds, in memory."""
+
+    masks: dict[str, torch.Tensor]  # name -> Bool (protected)
+    psi: dict[str, torch.Tensor] = field(default_factory=dict)
+    a: dict[str, torch.Tensor] = field(default_factory=dict)
+    update_weights: torch.Tensor | None = None
+    probe_tokens: torch.Tensor | None = None
+    info: dict = field(default_factory=dict)  # provenance and settings (JSON-able values)
+
+
+def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
+    """Write atomically; names and metadata keys are sorted so equal inputs give byte-identical
+    files (safetensors' own save_file orders metadata by hash, differently on every run)."""
+    tensors: dict[str, torch.Tensor] = {}
+    shapes = {}
+    for name in sorted(data.masks):
+        m = data.masks[name]
+        shapes[name] = list(m.shape)
+        tensors[f"mask/{name}"] = pack_bits(m)
+    if data.psi:
+        if data.update_weights is None:
+            raise ValueError("statistics need update_weights")
+        for name in sorted(data.psi):
+            tensors[f"psi/{name}"] = data.psi[name].detach().to("cpu", torch.float32).contiguous()
+            tensors[f"a/{name}"] = data.a[name].detach().to("cpu", torch.float32).contiguous()
+        tensors["stats/update_weights"] = data.update_weights.detach().to("cpu", torch.float32).contiguous()
+    if data.probe_tokens is not None:
+        tensors["probe/token_ids"] = data.probe_tokens.detach().to("cpu", torch.int64).contiguous()
+    meta = {
+        "format": FORMAT_NAME,
+        "format_version": str(FORMAT_VERSION),
+        "tool_version": __version__,
+        "tensors": json.dumps(shapes, sort_keys=True),
+        "has_stats": json.dumps(bool(data.psi)),
+    }
+    for key, value in sorted(data.info.items()):
+        meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    path = Path(path)
+    specs = [(name, TORCH_TO_ST[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+    with atomic_file(path) as tmp:
+        with StreamingWriter(tmp, specs, dict(sorted(meta.items()))) as writer:
+            for name, t in tensors.items():
+                writer.write(name, t)
+    return path
+
+
+class Sidecar:
+    """A sidecar opened for reading; tensors are read lazily (memory-mapped)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        where = str(path)
+        if not self.path.is_file():
+            raise DowserError(f"{where}: no such file")
+        header = read_header(self.path)
+        meta = header.metadata
+        if meta.get("format") != FORMAT_NAME:
+            raise DowserError(f"{where}: not a dowser sidecar (format {meta.get('format')!r})")
+        try:
+            version = int(meta.get("format_version", ""))
+        except ValueError:
+            raise DowserError(f"{where}: unreadable format_version {meta.get('format_version')!r}") from None
+        if version > FORMAT_VERSION:
+            raise DowserError(
+                f"{where}: format version {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade dowser-tool"
+            )
+        self.metadata: dict = {}
+        for key, value in meta.items():
+            try:
+                self.metadata[key] = json.loads(value)
+            except json.JSONDecodeError:
+                self.metadata[key] = value
+        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in self.metadata.get("tensors", {}).items()}
+        for name, shape in self.shapes.items():
+            entry = header.tensors.get(f"mask/{name}")
+            if entry is None or entry.dtype != "U8" or entry.numel != (math.prod(shape) + 7) // 8:
+                raise DowserError(f"{where}: mask of {name!r} is missing or has the wrong size for shape {list(shape)}")
+        self.has_stats = bool(self.metadata.get("has_stats")) and "stats/update_weights" in header.tensors
+        self._keys = set(header.tensors)
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.shapes)
+
+    def _get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self.path), framework="pt") as f:
+            return f.get_tensor(key)
+
+    def mask(self, name: str) -> torch.Tensor:
+        return unpack_bits(self._get(f"mask/{name}"), self.shapes[name])
+
+    def masks(self) -> dict[str, torch.Tensor]:
+        return {n: self.mask(n) for n in self.names}
+
+    def stats(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(psi (U, out), a (U, in), update weights (U,)) for one weight."""
+        if not self.has_stats:
+            raise DowserError(f"{self.path}: holds no score statistics (probed with --no-save-stats)")
+        return self._get(f"psi/{name}"), self._get(f"a/{name}"), self._get("stats/update_weights")
+
+    def probe_tokens(self) -> torch.Tensor | None:
+        return self._get("probe/token_ids") if "probe/token_ids" in self._keys else None
+
+    def recut(self, name: str, weight: torch.Tensor, update_ratio: float) -> torch.Tensor:
+        """The protected mask of `name` at another update ratio, from statistics and the base weight."""
+        if tuple(weight.shape) != self.shapes[name]:
+            raise DowserError(
+                f"{self.path}: {name!r} has shape {list(self.shapes[name])} in the mask but "
+                f"{list(weight.shape)} in the model"
+            )
+        psi, a, w = self.stats(name)
+        return cut_mask(score_matrix(weight, psi, a, w), update_ratio)
+
+    def read_all(self) -> SidecarData:
+        data = SidecarData(masks=self.masks(), probe_tokens=self.probe_tokens())
+        if self.has_stats:
+            for n in self.names:
+                data.psi[n], data.a[n], data.update_weights = self.stats(n)
+        skip = {"format", "format_version", "tool_version", "tensors", "has_stats"}
+        data.info = {k: v for k, v in self.metadata.items() if k not in skip}
+        return data
+
+
+def default_sidecar_name(model: str) -> str:
+    """`org/name` or a folder path -> `name.dowser.safetensors`."""
+    return Path(str(model).rstrip("/")).name + SUFFIX
+
+
+def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, torch.Tensor]:
+    """The protected-entry masks of a sidecar, keyed by checkpoint tensor name (True = protected).
+
+    With `update_ratio`, re-cut every mask at that ratio from the saved statistics
+    and the base weights: `base` is a folder, Hub repo id or `Checkpoint`; by default
+    the base model (id and commit) recorded in the sidecar.
+    """
+    sidecar = path if isinstance(path, Sidecar) else Sidecar(path)
+    if update_ratio is None:
+        return sidecar.masks()
+    update_ratio = validate_ratio(update_ratio)
+    if not sidecar.has_stats:
+        raise DowserError(f"{sidecar.path}: cannot re-cut at update ratio {update_ratio}: no statistics saved")
+    ckpt = open_base(sidecar, base)
+    from .names import NameMap, architecture_for, ties_embeddings
+
+    arch = architecture_for(ckpt.config or {}, f"{ckpt.where}/config.json")
+    nm = NameMap(ckpt.tensor_names(), arch, ties_embeddings(ckpt.config or {}, arch), ckpt.where)
+    out = {}
+    for name in sidecar.names:
+        ckpt_name = nm.to_checkpoint(_canonical(name, arch))
+        out[name] = sidecar.recut(name, ckpt.read(ckpt_name), update_ratio)
+    return out
+
+
+def _canonical(name: str, arch) -> str:
+    from .names import canonical_name
+
+    return canonical_name(name, arch)
+
+
+def open_base(sidecar: Sidecar, base=None):
+    """The base checkpoint for re-cutting: `base` if given, else the one the sidecar records."""
+    from .checkpoint import Checkpoint, open_checkpoint
+
+    if isinstance(base, Checkpoint):
+        return base
+    if base is not None:
+        return open_checkpoint(base)
+    rec = sidecar.metadata.get("base_model") or {}
+    if not rec.get("id"):
+        raise DowserError(f"{sidecar.path}: records no base model; pass base=")
+    if Path(rec["id"]).is_dir():
+        return open_checkpoint(rec["id"])
+    return open_checkpoint(rec["id"], rec.get("sha") or rec.get("revision"))

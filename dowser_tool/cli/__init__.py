@@ -1,0 +1,47 @@
+"""The `dowser` command: a thin click layer over the library (nothing else imports click)."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from .. import __version__
+from ..errors import DowserError
+
+
+def user_errors(fn):
+    """DowserError -> one line on stderr, exit 1; Ctrl-C/SIGTERM -> exit 130. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except DowserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("interrupted: no output written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dowser")
+def main():
+    """Data-free Model-Dowser masks: find the weights that carry what a pretrained model knows."""
+
+
+def _register() -> None:
+    # One module per subcommand; each holds only argument parsing and calls into the library.
+    from .inspect_cmd import inspect
+    from .merge_cmd import merge
+    from .probe_cmd import probe
+
+    for command in (probe, merge, inspect):
+        main.add_command(command)
+
+
+_register()

@@ -190,7 +190,7 @@ class Checkpoint:
         self.sha = sha
         self.is_remote = isinstance(files, _HubFiles)
         self._files = files
-        self._handles: dict[str, object] = {}  # open safe_open handles / loaded pickles, by file
+        self._handles: dict[str, object] = {}  # loaded pickles (memory-mapped), by file
         self.config: dict | None = self._json("config.json")
         self.weight_files, self._refs = self._index_weights(allow_pickle)
 
@@ -250,6 +250,7 @@ class Checkpoint:
         names = list(names)
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[TensorEntry]] = {}
+        mapped: dict[str, list[str]] = {}
         for name in names:
             ref = self.ref(name)
             if ref.entry is None:
@@ -257,7 +258,15 @@ class Checkpoint:
             elif self.is_remote and not self._files.download:
                 by_file.setdefault(ref.file, []).append(ref.entry)
             else:
-                out[name] = self._safe_open(ref.file).get_tensor(name)
+                mapped.setdefault(ref.file, []).append(name)
+        for file, file_names in mapped.items():
+            # Map the file only for this read: a mapping kept open would leave every page the
+            # probe ever touched resident, and memory must stay near one block.
+            from safetensors import safe_open
+
+            with safe_open(str(self._files.path(file)), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name)
         for file, entries in by_file.items():
             for start, end, group in _coalesce(entries):
                 buf = memoryview(self._files.read_range(file, start, end))
@@ -331,13 +340,6 @@ class Checkpoint:
             if not self._files.exists(shard):
                 raise DowserError(f"{self.where}/{index_name}: names shard {shard!r}, which is missing")
         return shards
-
-    def _safe_open(self, file: str):
-        if file not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[file] = safe_open(str(self._files.path(file)), framework="pt", device="cpu")
-        return self._handles[file]
 
     def _pickled(self, file: str) -> dict:
         if file not in self._handles:

@@ -208,6 +208,18 @@ def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, t
     return out
 
 
+def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = False) -> Path:
+    """Write a copy of a sidecar whose masks are re-cut at `update_ratio` (statistics kept)."""
+    from .outputs import check_destination
+
+    sidecar = Sidecar(path)
+    dest = check_destination(out, force, inputs=[path])
+    data = sidecar.read_all()
+    data.masks = load_mask(sidecar, update_ratio, base)
+    data.info["update_ratio"] = validate_ratio(update_ratio)
+    return write_sidecar(dest, data)
+
+
 def _canonical(name: str, arch) -> str:
     from .names import canonical_name
 

@@ -38,9 +38,9 @@ def _register() -> None:
     # One module per subcommand; each holds only argument parsing and calls into the library.
     from .inspect_cmd import inspect
     from .merge_cmd import merge
-    from .probe_cmd import probe
+    from .probe_cmd import mask, probe
 
-    for command in (probe, merge, inspect):
+    for command in (probe, mask, merge, inspect):
         main.add_command(command)
 
 

@@ -1,14 +1,66 @@
-"""`dowser probe`."""
+"""`dowser probe` and `dowser mask`."""
 
 import click
 
-from ..errors import DowserError
 from . import user_errors
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def _split(value):
+    return tuple(x.strip() for x in value.split(",") if x.strip()) if value else ()
+
+
+@click.command()
+@click.argument("model")
+@click.option("--revision", help="Branch, tag or commit of a Hub repo.")
+@click.option("--out", type=click.Path(dir_okay=False), help="Output sidecar [default: NAME.dowser.safetensors].")
+@click.option("--update-ratio", type=float, default=0.1, show_default=True, help="Trainable fraction of each matrix.")
+@click.option("--layers", help="Decoder layers to score: all, last:N, A-B or a comma list [default: all].")
+@click.option("--include", default="", help="Also score: lm_head, projector, vision (comma-separated).")
+@click.option("--probes", type=int, default=64, show_default=True, help="Number of probe sequences.")
+@click.option("--probe-len", type=int, default=64, show_default=True, help="Tokens per probe sequence.")
+@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--draws", type=int, default=8, show_default=True, help="Rademacher draws per batch (M).")
+@click.option("--images/--no-images", default=False, show_default=True, help="Add Gaussian-noise image probes.")
+@click.option("--estimator", type=click.Choice(["reference", "hutchinson"]), default="reference", show_default=True)
+@click.option("--method", type=click.Choice(["dowser", "magnitude", "wanda", "random"]), default="dowser",
+              show_default=True)
+@click.option("--probe-file", type=click.Path(dir_okay=False), help="Token ids to use (JSONL lists or safetensors).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
+              show_default=True, help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--save-stats/--no-save-stats", default=True, show_default=True,
+              help="Keep score statistics so masks can be re-cut at any ratio.")
+@click.option("--resident", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
+              help="Keep loaded layers in memory instead of re-reading them (auto: models under 1 GB).")
+@click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
+@click.option("--download", is_flag=True, help="Download whole Hub shards to the HF cache instead of ranged reads.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def probe(args):
-    """Stream a checkpoint and write its NAME.dowser.safetensors mask (not implemented yet)."""
-    raise DowserError("dowser probe: not implemented yet")
+def probe(model, revision, out, include, allow_pickle, download, force, quiet, **options):
+    """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
+    from ..probe import ProbeSettings, probe as run_probe
+
+    settings = ProbeSettings(include=_split(include), **options)
+    summary = run_probe(model, out, revision=revision, settings=settings, force=force, allow_pickle=allow_pickle,
+                        download=download, progress=not quiet)
+    click.echo(
+        f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
+        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s"
+    )
+
+
+@click.command()
+@click.argument("sidecar", type=click.Path(dir_okay=False))
+@click.option("--update-ratio", type=float, required=True, help="New trainable fraction of each matrix.")
+@click.option("--base", help="Base model (folder or Hub id) [default: the one the sidecar records].")
+@click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output sidecar.")
+@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@user_errors
+def mask(sidecar, update_ratio, base, out, force):
+    """Re-cut a sidecar's masks at another update ratio from its saved statistics (no probing)."""
+    from ..sidecar import recut_sidecar
+
+    path = recut_sidecar(sidecar, update_ratio, out, base=base, force=force)
+    click.echo(f"wrote {path} at update ratio {update_ratio}")

@@ -1,0 +1,434 @@
+"""`dowser probe`: stream a checkpoint, collect Dowser statistics, cut masks, write the sidecar.
+
+For every probe batch b (one *update*), each scored linear layer records
+- a_b: mean over batch and tokens of |h| (its input), and
+- psi_b: from g = d(xi . f / B)/dz, the gradient of M Rademacher-weighted
+  last-position logits f w.r.t. its output z: mean over draws of mean |g|
+  (`reference`, as the published scripts) or sqrt(mean over draws of mean g^2)
+  (`hutchinson`, the paper's E[g^2] = ||J||^2).
+The score of a matrix is |W| (.) sum_b B_b psi_b a_b^T / sum_b B_b (scoring.py).
+
+Schedule (ARCHITECTURE.md, batched over probe batches so each layer is read
+twice per run, not twice per batch): capture layer-0 inputs of every batch;
+forward through the layers keeping each layer's input; head + M draws give the
+gradients at the top; then layer by layer in reverse, reload the layer,
+recompute it once from its stored input with gradients on the input only, and
+push the M draws through that one graph. Weight gradients are never formed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import DowserError
+from .names import scored_names
+from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
+from .scoring import cut_mask, score_matrix, validate_ratio
+from .sidecar import SidecarData, default_sidecar_name, write_sidecar
+from .streaming import BlockRunner
+
+METHODS = ("dowser", "magnitude", "wanda", "random")
+ESTIMATORS = ("reference", "hutchinson")
+INCLUDES = ("lm_head", "projector", "vision")
+
+
+@dataclass
+class ProbeSettings:
+    update_ratio: float = 0.1
+    layers: str | None = None  # e.g. "0-11", "last:20", "3,5"; None = all decoder layers
+    include: tuple[str, ...] = ()
+    probes: int = 64
+    probe_len: int = 64
+    batch_size: int = 4
+    draws: int = 8
+    images: bool = False
+    estimator: str = "reference"
+    method: str = "dowser"
+    probe_file: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    save_stats: bool = True
+    resident: str = "auto"  # keep loaded layers in memory: auto (if the model is small), always, never
+    sampling: Sampling = field(default_factory=Sampling)
+
+    def validate(self) -> None:
+        validate_ratio(self.update_ratio)
+        if self.method not in METHODS:
+            raise DowserError(f"--method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.estimator not in ESTIMATORS:
+            raise DowserError(f"--estimator must be one of {', '.join(ESTIMATORS)}, got {self.estimator!r}")
+        bad = [x for x in self.include if x not in INCLUDES]
+        if bad:
+            raise DowserError(f"--include takes {', '.join(INCLUDES)}; got {', '.join(bad)}")
+        for name in ("probes", "probe_len", "batch_size", "draws"):
+            if getattr(self, name) < 1:
+                raise DowserError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.probe_len < 2 and not self.probe_file:
+            raise DowserError("--probe-len must be at least 2")
+        if ({"vision", "projector"} & set(self.include)) and not self.images and self.method == "dowser":
+            raise DowserError("--include vision/projector needs image probes: add --images")
+
+
+def parse_layers(spec: str | None, n_layers: int) -> list[int]:
+    """'all', 'last:20', '0-11', '3,5,7' -> sorted layer indices."""
+    if spec is None or spec == "all":
+        return list(range(n_layers))
+    try:
+        if spec.startswith("last:"):
+            k = int(spec[5:])
+            if not 0 < k <= n_layers:
+                raise ValueError
+            return list(range(n_layers - k, n_layers))
+        out = set()
+        for part in spec.split(","):
+            lo, _, hi = part.partition("-")
+            lo_i, hi_i = int(lo), int(hi) if hi else int(lo)
+            out.update(range(lo_i, hi_i + 1))
+    except ValueError:
+        raise DowserError(f"--layers {spec!r}: expected all, last:N, A-B or a comma list within 0-{n_layers - 1}") from None
+    if not out or min(out) < 0 or max(out) >= n_layers:
+        raise DowserError(f"--layers {spec!r}: the model has layers 0-{n_layers - 1}")
+    return sorted(out)
+
+
+def rademacher(seed: int, batch_index: int, draws: int, shape) -> torch.Tensor:
+    """The M draws of xi (entries +-1) for one probe batch, reproducible from (seed, batch)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + batch_index + 17)
+    return torch.randint(0, 2, (draws, *shape), generator=gen).float().mul_(2).sub_(1)
+
+
+def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[torch.device, torch.dtype]:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DowserError("--device cuda: no CUDA device is available")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise DowserError(f"--device must be auto, cpu or cuda, got {device!r}")
+    dev = torch.device(device)
+    if dtype == "auto":
+        if dev.type == "cpu":
+            return dev, torch.float32  # CPUs lack fast half kernels, and float32 is exact enough to compare
+        name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
+        return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.bfloat16)
+    try:
+        return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    except KeyError:
+        raise DowserError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}") from None
+
+
+class StatsRecorder:
+    """Forward hooks on scored linears that turn inputs and output gradients into psi and a."""
+
+    def __init__(self, estimator: str, method: str):
+        self.estimator, self.method = estimator, method
+        self.psi: dict[str, list[torch.Tensor]] = {}
+        self.a: dict[str, list[torch.Tensor]] = {}
+        self._draws: dict[str, list[torch.Tensor]] = {}
+        self._act: dict[str, torch.Tensor] = {}
+        self.unit_activation: set[str] = set()  # boundary rule: projector layers use a = 1
+
+    def attach(self, modules: dict[str, nn.Linear]) -> list:
+        handles = []
+        for name, module in modules.items():
+            handles.append(module.register_forward_hook(self._forward_hook(name)))
+        return handles
+
+    def _forward_hook(self, name: str):
+        def hook(module, inputs, output):
+            h = inputs[0].detach().float()
+            dims = tuple(range(h.dim() - 1))
+            if self.method == "wanda":
+                self._act[name] = h.pow(2).mean(dims).sqrt()
+            else:
+                self._act[name] = h.abs().mean(dims)
+            if output.requires_grad:
+                output.register_hook(self._grad_hook(name))
+
+        return hook
+
+    def _grad_hook(self, name: str):
+        def hook(g):
+            g = g.detach().float()
+            dims = tuple(range(g.dim() - 1))
+            per_draw = g.pow(2).mean(dims) if self.estimator == "hutchinson" else g.abs().mean(dims)
+            self._draws.setdefault(name, []).append(per_draw)
+
+        return hook
+
+    def finish_update(self, names, out_features: dict[str, int]) -> None:
+        """Close one update (probe batch): average the draws, store psi_u and a_u."""
+        for name in names:
+            draws = self._draws.pop(name, None)
+            if self.method == "wanda":
+                psi = torch.ones(out_features[name])
+            elif draws is None:  # no gradient reached it (e.g. vision layers after the feature layer)
+                psi = torch.zeros(out_features[name])
+            else:
+                psi = torch.stack(draws).mean(0)
+                if self.estimator == "hutchinson":
+                    psi = psi.sqrt()
+            a = self._act.pop(name)
+            if name in self.unit_activation:
+                a = torch.ones_like(a)
+            self.psi.setdefault(name, []).append(psi.cpu())
+            self.a.setdefault(name, []).append(a.cpu())
+
+
+class ProbeRun:
+    """One probe of one checkpoint (kept as an object so tests can reach the statistics)."""
+
+    def __init__(self, ckpt: Checkpoint, settings: ProbeSettings, progress: bool = True):
+        settings.validate()
+        self.ckpt, self.s, self.progress = ckpt, settings, progress
+        self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype, ckpt.config or {})
+        weights_bytes = sum(math.prod(ckpt.shape(n)) * 4 for n in ckpt.tensor_names())
+        resident = {"always": True, "never": False}.get(settings.resident, weights_bytes < (1 << 30))
+        self.runner = BlockRunner(ckpt, self.device, self.dtype, resident=resident)
+        n_layers = len(self.runner.layers)
+        self.layers = parse_layers(settings.layers, n_layers)
+        self.scored = scored_names(self.runner.names, self.layers, settings.include, self.runner.is_linear)
+        if not self.scored:
+            raise DowserError(f"{ckpt.where}: nothing to score with --layers {settings.layers} --include {settings.include}")
+        self.tokens: torch.Tensor | None = None
+        self.update_weights: list[float] = []
+        self.timings: dict[str, float] = {}
+
+    def _bar(self, total, desc):
+        return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, leave=False)
+
+    # ---- probes --------------------------------------------------------
+    def make_tokens(self) -> torch.Tensor:
+        s = self.s
+        if s.probe_file:
+            tokens = load_probe_file(s.probe_file)
+            vocab = self.runner.model.get_input_embeddings().num_embeddings
+            if int(tokens.max()) >= vocab:
+                raise DowserError(f"{s.probe_file}: token id {int(tokens.max())} is outside the vocabulary ({vocab})")
+            return tokens
+        t0 = time.perf_counter()
+        with self._bar(s.probe_len - 1, "generating probes") as bar:
+            tokens = generate_text_probes(self.runner, s.probes, s.probe_len, s.seed, s.sampling, bar)
+        self.timings["generate_s"] = time.perf_counter() - t0
+        return tokens
+
+    def batches(self):
+        k, bs = self.tokens.shape[0], self.s.batch_size
+        return [(b, slice(i, min(i + bs, k))) for b, i in enumerate(range(0, k, bs))]
+
+    def _inputs(self, rows: slice) -> dict:
+        ids = self.tokens[rows]
+        inputs = {"use_cache": False}
+        if self.s.images:
+            pixels, token, n = self.images
+            ids = torch.cat([torch.full((ids.shape[0], n), token, dtype=ids.dtype), ids], dim=1)
+            inputs["pixel_values"] = pixels[rows].to(self.device, self.dtype)
+        inputs["input_ids"] = ids.to(self.device)
+        return inputs
+
+    # ---- the statistics ------------------------------------------------
+    def collect(self) -> StatsRecorder:
+        s, runner = self.s, self.runner
+        rec = StatsRecorder(s.estimator, s.method)
+        self.tokens = self.make_tokens()
+        if s.images:
+            self.images = image_probe(self.ckpt, self.ckpt.config, self.tokens.shape[0], s.seed)
+        batches = self.batches()
+        self.update_weights = [float(r.stop - r.start) for _, r in batches]
+        n_layers = len(runner.layers)
+        scored = set(self.scored)
+        by_layer = {i: [n for n in self.scored if n.startswith(f"{runner.arch.layers}.{i}.")] for i in range(n_layers)}
+        stem_scored = [n for n in self.scored if runner.block_of(n) in ("vision", "projector")]
+        rec.unit_activation = {n for n in stem_scored if runner.block_of(n) == "projector"}
+        out_features = {n: runner.model.get_parameter(n).shape[0] for n in self.scored}
+        needs_grad = s.method == "dowser"
+        t0 = time.perf_counter()
+
+        # 1. layer-0 inputs of every batch (embedding stage; vision tower for images)
+        with torch.no_grad():
+            captured = [runner.capture(**self._inputs(rows)) for _, rows in batches]
+        hidden = [[c.hidden] for c in captured]
+
+        # 2. forward: each layer once, over all batches; keep every layer's input
+        last_needed = n_layers if needs_grad or "lm_head" in s.include else max(self.layers) + 1
+        with torch.no_grad(), self._bar(last_needed, "forward") as bar:
+            for i in range(last_needed):
+                handles = rec.attach(self._modules(by_layer[i])) if not needs_grad else []
+                with runner.layer(i) as layer:
+                    for b, _ in batches:
+                        hidden[b].append(captured[b].call(layer, hidden[b][i]))
+                        if not needs_grad:
+                            rec.finish_update(by_layer[i], out_features)
+                for h in handles:
+                    h.remove()
+                bar.update(1)
+        if not needs_grad:  # wanda: forward statistics only
+            self._head_stats(rec, hidden, batches, scored, out_features)
+            self.timings["probe_s"] = time.perf_counter() - t0
+            return rec
+
+        # 3. head: M Rademacher draws of the last-position logits -> gradients at the top
+        grads = []
+        for b, rows in batches:
+            top = hidden[b][n_layers].detach().requires_grad_(True)
+            with torch.enable_grad():
+                logits = runner.head_logits(top)
+                xi = rademacher(s.seed, b, s.draws, logits.shape).to(logits.device, logits.dtype)
+                batch = logits.shape[0]
+                grads.append([
+                    torch.autograd.grad((xi[d] * logits).sum() / batch, top, retain_graph=d < s.draws - 1)[0]
+                    for d in range(s.draws)
+                ])
+        self._head_stats(rec, hidden, batches, scored, out_features)
+
+        # 4. backward, layer by layer in reverse, one recomputed forward per batch for all M draws
+        lowest = 0 if stem_scored else min(self.layers)
+        with self._bar(n_layers - lowest, "backward") as bar:
+            for i in reversed(range(lowest, n_layers)):
+                handles = rec.attach(self._modules(by_layer[i]))
+                with runner.layer(i) as layer, torch.enable_grad():
+                    for b, _ in batches:
+                        x = hidden[b][i].detach().requires_grad_(True)
+                        y = captured[b].call(layer, x)
+                        grads[b] = [
+                            torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
+                            for d in range(s.draws)
+                        ]
+                        if by_layer[i]:
+                            rec.finish_update(by_layer[i], out_features)
+                        hidden[b][i + 1] = None  # no longer needed
+                for h in handles:
+                    h.remove()
+                bar.update(1)
+
+        # 5. the stem (vision tower and projector), recomputed with gradients from the pixels
+        if stem_scored:
+            handles = rec.attach(self._modules(stem_scored))
+            for b, rows in batches:
+                inputs = self._inputs(rows)
+                pixels = inputs["pixel_values"].requires_grad_(True)
+                with torch.enable_grad():
+                    h0 = runner.capture(**inputs).hidden
+                    for d in range(s.draws):
+                        torch.autograd.grad(h0, pixels, grads[b][d], retain_graph=d < s.draws - 1)
+                rec.finish_update(stem_scored, out_features)
+            for h in handles:
+                h.remove()
+        self.timings["probe_s"] = time.perf_counter() - t0
+        return rec
+
+    def _head_stats(self, rec, hidden, batches, scored, out_features):
+        """lm_head: psi = 1 (the output boundary), a = mean |final_norm(h)| over all tokens."""
+        head_w = f"{self.runner.arch.head}.weight"
+        if head_w not in scored:
+            return
+        with torch.no_grad():
+            for b, _ in batches:
+                h = self.runner.final_norm(hidden[b][len(self.runner.layers)]).float()
+                dims = tuple(range(h.dim() - 1))
+                a = h.pow(2).mean(dims).sqrt() if self.s.method == "wanda" else h.abs().mean(dims)
+                rec.psi.setdefault(head_w, []).append(torch.ones(out_features[head_w]))
+                rec.a.setdefault(head_w, []).append(a.cpu())
+
+    def _modules(self, names) -> dict[str, nn.Linear]:
+        return {n: self.runner.model.get_submodule(n.rpartition(".")[0]) for n in names}
+
+    # ---- masks and the sidecar ----------------------------------------
+    def run(self) -> SidecarData:
+        s, runner = self.s, self.runner
+        psi, a, w = {}, {}, None
+        if s.method in ("dowser", "wanda"):
+            rec = self.collect()
+            w = torch.tensor(self.update_weights)
+            psi = {n: torch.stack(rec.psi[n]) for n in self.scored}
+            a = {n: torch.stack(rec.a[n]) for n in self.scored}
+        elif s.method == "magnitude":
+            w = torch.ones(1)
+            for n in self.scored:
+                out_f, in_f = runner.model.get_parameter(n).shape
+                psi[n], a[n] = torch.ones(1, out_f), torch.ones(1, in_f)
+        masks = {}
+        t0 = time.perf_counter()
+        for idx, n in enumerate(tqdm(self.scored, desc="cutting masks", disable=not self.progress, leave=False)):
+            ckpt_name = runner.checkpoint_name(n)
+            W = self.ckpt.read(ckpt_name)
+            if s.method == "random":
+                gen = torch.Generator().manual_seed(s.seed * 1_000_003 + idx)
+                score = torch.rand(W.shape, generator=gen)
+            else:
+                score = score_matrix(W, psi[n], a[n], w)
+            masks[ckpt_name] = cut_mask(score, s.update_ratio)
+        self.timings["mask_s"] = time.perf_counter() - t0
+        keep_stats = s.save_stats and bool(psi)
+        ckpt_psi = {runner.checkpoint_name(n): v for n, v in psi.items()} if keep_stats else {}
+        ckpt_a = {runner.checkpoint_name(n): v for n, v in a.items()} if keep_stats else {}
+        return SidecarData(
+            masks=masks,
+            psi=ckpt_psi,
+            a=ckpt_a,
+            update_weights=w if keep_stats else None,
+            probe_tokens=self.tokens,
+            info=self.info(),
+        )
+
+    def info(self) -> dict:
+        s = self.s
+        source = s.probe_file or ("self-generated" if s.method in ("dowser", "wanda") else "none")
+        base_id = str(Path(self.ckpt.source).resolve()) if not self.ckpt.is_remote and self.ckpt.sha is None else self.ckpt.source
+        return {
+            "base_model": {"id": base_id, "revision": self.ckpt.revision, "sha": self.ckpt.sha},
+            "architecture": self.ckpt.config.get("model_type"),
+            "method": s.method,
+            "estimator": s.estimator if s.method == "dowser" else None,
+            "update_ratio": s.update_ratio,
+            "granularity": "entry",
+            "layers": self.layers,
+            "include": sorted(s.include),
+            "probe": {
+                "count": None if self.tokens is None else int(self.tokens.shape[0]),
+                "length": None if self.tokens is None else int(self.tokens.shape[1]),
+                "batch_size": s.batch_size,
+                "draws": s.draws if s.method == "dowser" else 0,
+                "seed": s.seed,
+                "images": s.images,
+                "source": source,
+                "sampling": asdict(s.sampling),
+                "compute_dtype": str(self.dtype).replace("torch.", ""),
+            },
+        }
+
+
+def probe(model: str, out: str | None = None, *, revision: str | None = None, settings: ProbeSettings | None = None,
+          force: bool = False, allow_pickle: bool = False, download: bool = False, progress: bool = True) -> dict:
+    """Probe `model` (folder or Hub id) and write its sidecar; returns a summary dict."""
+    from .outputs import check_destination
+
+    settings = settings or ProbeSettings()
+    settings.validate()
+    dest = check_destination(out or default_sidecar_name(model), force, inputs=[model])
+    t0 = time.perf_counter()
+    ckpt = open_checkpoint(model, revision, allow_pickle=allow_pickle, download=download)
+    run = ProbeRun(ckpt, settings, progress)
+    data = run.run()
+    write_sidecar(dest, data)
+    numel = sum(m.numel() for m in data.masks.values())
+    protected = sum(int(m.sum()) for m in data.masks.values())
+    return {
+        "path": str(dest),
+        "tensors": len(data.masks),
+        "weights": numel,
+        "protected_fraction": protected / numel,
+        "probes": None if data.probe_tokens is None else list(data.probe_tokens.shape),
+        "seconds": time.perf_counter() - t0,
+        "timings": run.timings,
+        "bytes_read": ckpt.bytes_read,
+        "sha": ckpt.sha,
+    }

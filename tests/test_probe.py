@@ -1,0 +1,171 @@
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from dowser_tool import Sidecar, open_checkpoint
+from dowser_tool.cli import main
+from dowser_tool.probe import ProbeRun, ProbeSettings, parse_layers
+from dowser_tool.scoring import score_matrix, trainable_count
+
+from .oracle import reference_statistics
+
+
+def probe_file(tmp_path, k=6, t=9, vocab=90, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(3, vocab, (k, t), generator=g).tolist()
+    p = tmp_path / "probes.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p, torch.tensor(rows)
+
+
+def load_full(folder):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    cfg = AutoConfig.from_pretrained(folder)
+    auto = AutoModelForImageTextToText if cfg.model_type == "llava" else AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
+
+
+def assert_close_rel(got, want, rtol=1e-5):
+    err = (got - want).abs().max() / want.abs().max().clamp_min(1e-30)
+    assert err <= rtol, f"relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("estimator", ["reference", "hutchinson"])
+@pytest.mark.parametrize("kind", ["llama", "llava"])
+def test_streamed_statistics_equal_in_memory_oracle(kind, estimator, tmp_path, llama_dir, llava_dir):
+    folder = llama_dir if kind == "llama" else llava_dir
+    pf, tokens = probe_file(tmp_path)
+    settings = ProbeSettings(probe_file=str(pf), batch_size=4, draws=3, estimator=estimator, include=("lm_head",),
+                             resident="never")
+    run = ProbeRun(open_checkpoint(folder), settings, progress=False)
+    rec = run.collect()
+    want, w = reference_statistics(load_full(folder), run.scored, tokens, 4, 3, 0, estimator)
+    assert torch.equal(torch.tensor(run.update_weights), w)  # batches of 4 and 2, weighted by size
+    assert len(run.scored) == 2 * 7 + 1
+    ckpt = open_checkpoint(folder)
+    for n in run.scored:
+        psi, a = torch.stack(rec.psi[n]), torch.stack(rec.a[n])
+        assert_close_rel(psi, want[n][0])
+        assert_close_rel(a, want[n][1])
+        W = ckpt.read(run.runner.checkpoint_name(n))
+        assert_close_rel(score_matrix(W, psi, a, w), score_matrix(W, *want[n], w))
+
+
+def test_streamed_image_probe_with_vision_and_projector_equals_oracle(tmp_path, llava_dir):
+    from dowser_tool.probes import image_probe
+
+    pf, tokens = probe_file(tmp_path, k=4, t=6)
+    settings = ProbeSettings(probe_file=str(pf), batch_size=2, draws=2, images=True,
+                             include=("projector", "vision"), layers="1")
+    run = ProbeRun(open_checkpoint(llava_dir), settings, progress=False)
+    rec = run.collect()
+    assert any(".vision_tower." in n for n in run.scored) and any("projector" in n for n in run.scored)
+    pixels, token, n_img = image_probe(run.ckpt, run.ckpt.config, 4, 0)
+    projector = {n for n in run.scored if "multi_modal_projector" in n}
+    want, _ = reference_statistics(load_full(llava_dir), run.scored, tokens, 2, 2, 0, pixel_values=pixels,
+                                   image_token=token, n_image_tokens=n_img, unit_activation=projector)
+    for n in run.scored:
+        assert_close_rel(torch.stack(rec.psi[n]), want[n][0])
+        assert_close_rel(torch.stack(rec.a[n]), want[n][1])
+    for n in projector:  # boundary rule: a = 1
+        assert torch.equal(torch.stack(rec.a[n]), torch.ones_like(want[n][1]))
+
+
+def test_probe_cli_writes_exact_ratio_and_is_deterministic(tmp_path, example_llava):
+    out1, out2 = tmp_path / "a.dowser.safetensors", tmp_path / "b.dowser.safetensors"
+    args = ["probe", str(example_llava), "--probes", "6", "--probe-len", "8", "--batch-size", "3", "--draws", "2",
+            "--update-ratio", "0.2", "-q"]
+    r = CliRunner().invoke(main, args + ["--out", str(out1)])
+    assert r.exit_code == 0, r.output
+    assert "0.8000 protected" in r.output
+    CliRunner().invoke(main, args + ["--out", str(out2)])
+    assert out1.read_bytes() == out2.read_bytes()  # same seed, same inputs: byte-identical
+    sc = Sidecar(out1)
+    assert len(sc.names) == 28 and sc.has_stats
+    for n in sc.names:
+        m = sc.mask(n)
+        assert int((~m).sum()) == trainable_count(m.numel(), 0.2)
+    assert sc.probe_tokens().shape == (6, 8)
+    assert sc.metadata["base_model"]["id"] == str(example_llava)
+    assert sc.metadata["probe"]["draws"] == 2 and sc.metadata["estimator"] == "reference"
+    # a different seed gives different probes
+    r = CliRunner().invoke(main, args + ["--out", str(tmp_path / "c.dowser.safetensors"), "--seed", "1"])
+    assert not torch.equal(Sidecar(tmp_path / "c.dowser.safetensors").probe_tokens(), sc.probe_tokens())
+    # never overwrites without --force
+    r = CliRunner().invoke(main, args + ["--out", str(out1)])
+    assert r.exit_code == 1 and "already exists" in r.output
+
+
+def test_mask_recut_equals_fresh_probe(tmp_path, example_llava):
+    base = ["--probes", "4", "--probe-len", "6", "--batch-size", "2", "--draws", "2", "-q"]
+    a, b, c = (tmp_path / f"{x}.dowser.safetensors" for x in "abc")
+    assert CliRunner().invoke(main, ["probe", str(example_llava), "--out", str(a), *base]).exit_code == 0
+    r = CliRunner().invoke(main, ["mask", str(a), "--update-ratio", "0.3", "--out", str(b)])
+    assert r.exit_code == 0, r.output
+    CliRunner().invoke(main, ["probe", str(example_llava), "--out", str(c), "--update-ratio", "0.3", *base])
+    recut, fresh = Sidecar(b), Sidecar(c)
+    for n in fresh.names:
+        assert torch.equal(recut.mask(n), fresh.mask(n))
+    assert recut.metadata["update_ratio"] == 0.3
+
+
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "random"])
+def test_baselines(tmp_path, llama_dir, method):
+    out = tmp_path / f"{method}.dowser.safetensors"
+    r = CliRunner().invoke(main, ["probe", str(llama_dir), "--method", method, "--probes", "4", "--probe-len", "6",
+                                  "--out", str(out), "-q"])
+    assert r.exit_code == 0, r.output
+    sc = Sidecar(out)
+    ckpt = open_checkpoint(llama_dir)
+    for n in sc.names:
+        m = sc.mask(n)
+        assert int((~m).sum()) == trainable_count(m.numel(), 0.1)
+        if method == "magnitude":  # protected entries are the largest |W|
+            W = ckpt.read(n).abs()
+            assert W[m].min() >= W[~m].max()
+    assert sc.metadata["method"] == method
+
+
+def test_layers_spec_and_include():
+    assert parse_layers("last:2", 4) == [2, 3]
+    assert parse_layers("0-1,3", 4) == [0, 1, 3]
+    assert parse_layers(None, 3) == [0, 1, 2]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--update-ratio", "0"], "update ratio must be in (0, 1]"),
+        (["--update-ratio", "1.5"], "update ratio must be in (0, 1]"),
+        (["--layers", "7-9"], "the model has layers 0-1"),
+        (["--include", "vision"], "needs image probes"),
+        (["--include", "everything"], "--include takes"),
+    ],
+)
+def test_probe_bad_options(tmp_path, llava_dir, args, message):
+    out = tmp_path / "x.dowser.safetensors"
+    r = CliRunner().invoke(main, ["probe", str(llava_dir), "--out", str(out), "-q", *args])
+    assert r.exit_code == 1 and message in r.output, r.output
+    assert not out.exists() and not list(tmp_path.glob(".x.*"))
+
+
+def test_probe_unsupported_architecture(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    r = CliRunner().invoke(main, ["probe", str(d), "--out", str(tmp_path / "g.dowser.safetensors"), "-q"])
+    assert r.exit_code == 1 and "unsupported architecture 'gpt2'" in r.output
+
+
+def test_probe_over_hub_reads_by_range(hub, tmp_path, llama_dir):
+    sha = hub.add_repo("org/tiny", llama_dir)
+    out = tmp_path / "hub.dowser.safetensors"
+    r = CliRunner().invoke(main, ["probe", "org/tiny", "--out", str(out), "--probes", "2", "--probe-len", "4", "-q"])
+    assert r.exit_code == 0, r.output
+    assert Sidecar(out).metadata["base_model"] == {"id": "org/tiny", "revision": None, "sha": sha}
+    assert all(req["range"] for req in hub.log.requests if "/resolve/" in req["path"]
+               and req["path"].endswith(".safetensors"))

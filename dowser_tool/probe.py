@@ -32,7 +32,7 @@ from .errors import DowserError
 from .names import scored_names
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import SidecarData, default_sidecar_name, write_sidecar
+from .sidecar import PackedMask, SidecarData, default_sidecar_name, write_sidecar
 from .streaming import BlockRunner
 
 METHODS = ("dowser", "magnitude", "wanda", "random")
@@ -365,7 +365,7 @@ class ProbeRun:
                 score = torch.rand(W.shape, generator=gen)
             else:
                 score = score_matrix(W, psi[n], a[n], w)
-            masks[ckpt_name] = cut_mask(score, s.update_ratio)
+            masks[ckpt_name] = PackedMask.of(cut_mask(score, s.update_ratio))
         self.timings["mask_s"] = time.perf_counter() - t0
         keep_stats = s.save_stats and bool(psi)
         ckpt_psi = {runner.checkpoint_name(n): v for n, v in psi.items()} if keep_stats else {}
@@ -420,7 +420,7 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
     data = run.run()
     write_sidecar(dest, data)
     numel = sum(m.numel() for m in data.masks.values())
-    protected = sum(int(m.sum()) for m in data.masks.values())
+    protected = sum(m.protected() for m in data.masks.values())
     return {
         "path": str(dest),
         "tensors": len(data.masks),

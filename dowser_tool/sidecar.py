@@ -51,11 +51,32 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(tuple(shape))
 
 
+@dataclass(frozen=True)
+class PackedMask:
+    """A mask already bit-packed (1/8 byte per entry): what a probe keeps while it cuts many masks."""
+
+    bits: torch.Tensor
+    shape: tuple[int, ...]
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "PackedMask":
+        return cls(pack_bits(mask), tuple(mask.shape))
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def protected(self) -> int:
+        return int(self.unpack().sum())
+
+
 @dataclass
 class SidecarData:
     """Everything a sidecar holds, in memory."""
 
-    masks: dict[str, torch.Tensor]  # name -> Bool (protected)
+    masks: dict[str, torch.Tensor | PackedMask]  # name -> Bool (True = protected) or packed
     psi: dict[str, torch.Tensor] = field(default_factory=dict)
     a: dict[str, torch.Tensor] = field(default_factory=dict)
     update_weights: torch.Tensor | None = None
@@ -70,8 +91,9 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     shapes = {}
     for name in sorted(data.masks):
         m = data.masks[name]
-        shapes[name] = list(m.shape)
-        tensors[f"mask/{name}"] = pack_bits(m)
+        packed = m if isinstance(m, PackedMask) else PackedMask.of(m)
+        shapes[name] = list(packed.shape)
+        tensors[f"mask/{name}"] = packed.bits
     if data.psi:
         if data.update_weights is None:
             raise ValueError("statistics need update_weights")

@@ -41,7 +41,9 @@ def _split(value):
 def probe(model, revision, out, include, allow_pickle, download, force, quiet, **options):
     """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
     from ..probe import ProbeSettings, probe as run_probe
+    from ..streaming import limit_heap_fragmentation
 
+    limit_heap_fragmentation()
     settings = ProbeSettings(include=_split(include), **options)
     summary = run_probe(model, out, revision=revision, settings=settings, force=force, allow_pickle=allow_pickle,
                         download=download, progress=not quiet)

@@ -1,0 +1,90 @@
+"""Peak memory of `dowser probe` does not grow with depth.
+
+Builds the same Llama architecture at two depths (random weights, saved with
+save_pretrained), probes each in a fresh process, and prints one JSON line per
+model plus one with the ratios: peak RSS grows by far less than the weights do.
+
+    python -m benchmarks.probe_memory [--hidden 768] [--layers 4,16] [--probes 8 --probe-len 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def build(folder: Path, layers: int, hidden: int) -> int:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 32 * 32,
+                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
+                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(folder, max_shard_size="50MB")
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def probe_peak_rss(folder: Path, out: Path, probes: int, probe_len: int) -> tuple[int, float]:
+    """Peak RSS (bytes) and wall time of one `dowser probe` run in a fresh process."""
+    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's peak.
+    code = (
+        "import sys\n"
+        "from dowser_tool.cli import main\n"
+        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
+        "print('PEAK', int(hwm) * 1024, file=sys.stderr)\n"
+    )
+    args = [sys.executable, "-c", code, "probe", str(folder), "--out", str(out), "--force", "-q",
+            "--probes", str(probes), "--probe-len", str(probe_len), "--resident", "never"]
+    t0 = time.perf_counter()
+    r = subprocess.run(args, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0 or "PEAK" not in r.stderr:
+        raise SystemExit(r.stderr)
+    peak = int(r.stderr.rsplit("PEAK", 1)[1].split()[0])
+    return peak, wall
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=768)
+    ap.add_argument("--layers", default="4,16")
+    ap.add_argument("--probes", type=int, default=8)
+    ap.add_argument("--probe-len", type=int, default=16)
+    args = ap.parse_args(argv)
+    depths = [int(x) for x in args.layers.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for depth in depths:
+            folder = Path(tmp) / f"llama-{depth}"
+            weights = build(folder, depth, args.hidden)
+            peak, wall = probe_peak_rss(folder, Path(tmp) / f"{depth}.dowser.safetensors", args.probes, args.probe_len)
+            row = {"figure": "probe_peak_rss", "layers": depth, "hidden": args.hidden, "weights_bytes": weights,
+                   "peak_rss_bytes": peak, "wall_s": round(wall, 2)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    lo, hi = rows[0], rows[-1]
+    summary = {
+        "figure": "probe_memory_vs_depth",
+        "layers": [lo["layers"], hi["layers"]],
+        "weights_growth_bytes": hi["weights_bytes"] - lo["weights_bytes"],
+        "peak_rss_growth_bytes": hi["peak_rss_bytes"] - lo["peak_rss_bytes"],
+        "rss_growth_over_weights_growth": round(
+            (hi["peak_rss_bytes"] - lo["peak_rss_bytes"]) / (hi["weights_bytes"] - lo["weights_bytes"]), 3),
+        "peak_ratio": round(hi["peak_rss_bytes"] / lo["peak_rss_bytes"], 3),
+    }
+    rows.append(summary)
+    print(json.dumps(summary), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -169,3 +169,18 @@ def test_probe_over_hub_reads_by_range(hub, tmp_path, llama_dir):
     assert Sidecar(out).metadata["base_model"] == {"id": "org/tiny", "revision": None, "sha": sha}
     assert all(req["range"] for req in hub.log.requests if "/resolve/" in req["path"]
                and req["path"].endswith(".safetensors"))
+
+
+def test_quickstart_main_job(tmp_path, example_llava):
+    """The README's main job with default (published) settings, on the shipped example model."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "tiny-llava.dowser.safetensors"
+    r = subprocess.run([sys.executable, "-m", "dowser_tool", "probe", str(example_llava), "--out", str(out), "-q"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    sc = Sidecar(out)
+    assert sc.probe_tokens().shape == (64, 64)
+    assert sc.metadata["probe"]["draws"] == 8 and sc.metadata["probe"]["batch_size"] == 4
+    assert sc.metadata["update_ratio"] == 0.1 and len(sc.names) == 4 * 7

@@ -18,6 +18,7 @@ push the M draws through that one graph. Weight gradients are never formed.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,7 +59,15 @@ class ProbeSettings:
     seed: int = 0
     save_stats: bool = True
     resident: str = "auto"  # keep loaded layers in memory: auto (if the model is small), always, never
+    activation_budget: int | None = None  # bytes of stored layer inputs per pass; None: 1/4 of free RAM
     sampling: Sampling = field(default_factory=Sampling)
+
+    def fingerprint(self) -> dict:
+        """The settings that decide the result (a resumed run must match them exactly)."""
+        d = asdict(self)
+        for k in ("device", "resident", "activation_budget"):
+            d.pop(k)
+        return d
 
     def validate(self) -> None:
         validate_ratio(self.update_ratio)
@@ -114,6 +123,8 @@ def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[torch.d
     if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
         raise DowserError(f"--device must be auto, cpu or cuda, got {device!r}")
     dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())  # under torchrun: this rank's GPU
     if dtype == "auto":
         if dev.type == "cpu":
             return dev, torch.float32  # CPUs lack fast half kernels, and float32 is exact enough to compare
@@ -123,6 +134,127 @@ def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[torch.d
         return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     except KeyError:
         raise DowserError(f"--dtype must be auto, bfloat16, float16 or float32, got {dtype!r}") from None
+
+
+def default_activation_budget() -> int:
+    """A quarter of the memory available now (Linux), else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024 // 4
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def parse_size(text: str) -> int:
+    """'512MB', '2GB', '1.5GiB', '1000' -> bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([\d.]+)\s*([KMGT]?)(i?)B?\s*", str(text), re.IGNORECASE)
+    if not m:
+        raise DowserError(f"cannot read size {text!r} (examples: 512MB, 2GB)")
+    base = 1024 if m.group(3) else 1000
+    power = " KMGT".index(m.group(2).upper() or " ")
+    return int(float(m.group(1)) * base**power)
+
+
+def distributed_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class ActivationStore:
+    """Layer inputs of the probe batches in one pass: in RAM, or spilled to temporary files."""
+
+    def __init__(self, spill: bool):
+        import tempfile
+
+        self.spill = spill
+        self._items: dict = {}
+        self._dir = tempfile.mkdtemp(prefix="dowser-activations-") if spill else None
+
+    def put(self, b: int, i: int, t: torch.Tensor) -> None:
+        if self.spill:
+            path = f"{self._dir}/{b}-{i}.pt"
+            torch.save(t.detach().cpu(), path)
+            self._items[(b, i)] = (path, t.device)
+        else:
+            self._items[(b, i)] = t.detach()
+
+    def get(self, b: int, i: int) -> torch.Tensor:
+        item = self._items[(b, i)]
+        if self.spill:
+            path, device = item
+            return torch.load(path, mmap=True, weights_only=True).to(device)
+        return item.detach()
+
+    def drop(self, b: int, i: int) -> None:
+        item = self._items.pop((b, i), None)
+        if self.spill and item is not None:
+            Path(item[0]).unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self._items.clear()
+        if self._dir:
+            import shutil
+
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+
+class ResumeState:
+    """`OUT.resume`: the probe tokens and the statistics of every finished probe batch.
+
+    Written atomically after every pass; `--resume` continues from it and gives a
+    sidecar byte-identical to an uninterrupted run. Removed when the sidecar is written.
+    """
+
+    def __init__(self, path: Path, fingerprint: dict):
+        import hashlib
+
+        self.path = Path(path)
+        self.fingerprint = hashlib.sha256(json.dumps(fingerprint, sort_keys=True).encode()).hexdigest()
+
+    def exists(self) -> bool:
+        return self.path.is_file()
+
+    def save(self, tokens, psi: dict, a: dict, done: int) -> None:
+        from .outputs import atomic_file
+        from .safetensors_format import TORCH_TO_ST, StreamingWriter
+
+        tensors = {"tokens": tokens.long().contiguous()}
+        for n in sorted(psi):
+            tensors[f"psi/{n}"] = torch.stack(psi[n]).float().contiguous()
+            tensors[f"a/{n}"] = torch.stack(a[n]).float().contiguous()
+        specs = [(k, TORCH_TO_ST[t.dtype], tuple(t.shape)) for k, t in tensors.items()]
+        with atomic_file(self.path) as tmp:
+            with StreamingWriter(tmp, specs, {"fingerprint": self.fingerprint, "done": str(done)}) as w:
+                for k, t in tensors.items():
+                    w.write(k, t)
+
+    def load(self):
+        from safetensors import safe_open
+
+        from .safetensors_format import read_header
+
+        meta = read_header(self.path).metadata
+        if meta.get("fingerprint") != self.fingerprint:
+            raise DowserError(f"{self.path}: resume state is from a run with other settings or another model")
+        psi, a = {}, {}
+        with safe_open(str(self.path), framework="pt") as f:
+            tokens = f.get_tensor("tokens")
+            for key in f.keys():
+                kind, _, name = key.partition("/")
+                if kind in ("psi", "a"):
+                    (psi if kind == "psi" else a)[name] = list(f.get_tensor(key))
+        return tokens, psi, a, int(meta["done"])
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
 
 
 class StatsRecorder:
@@ -201,12 +333,26 @@ class ProbeRun:
         self.tokens: torch.Tensor | None = None
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
+        self.activation_budget = settings.activation_budget or default_activation_budget()
+        self.spill = False
+        self.passes = 0
+        self.rank, self.world = distributed_rank_world()
 
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, leave=False)
 
     # ---- probes --------------------------------------------------------
     def make_tokens(self) -> torch.Tensor:
+        if self.world > 1:  # rank 0 generates, every rank probes the same sequences
+            import torch.distributed as dist
+
+            tokens = self._make_tokens() if self.rank == 0 else None
+            box = [tokens]
+            dist.broadcast_object_list(box, src=0)
+            return box[0]
+        return self._make_tokens()
+
+    def _make_tokens(self) -> torch.Tensor:
         s = self.s
         if s.probe_file:
             tokens = load_probe_file(s.probe_file)
@@ -235,104 +381,155 @@ class ProbeRun:
         return inputs
 
     # ---- the statistics ------------------------------------------------
-    def collect(self) -> StatsRecorder:
+    def collect(self, state: "ResumeState | None" = None) -> StatsRecorder:
+        """Statistics for every probe batch, in passes of as many batches as the activation
+        budget holds; after each pass the statistics so far go to `state` (for --resume)."""
         s, runner = self.s, self.runner
         rec = StatsRecorder(s.estimator, s.method)
-        self.tokens = self.make_tokens()
+        done = 0
+        if state is not None and state.exists():
+            self.tokens, rec.psi, rec.a, done = state.load()
+        else:
+            self.tokens = self.make_tokens()
+            if state is not None:
+                state.save(self.tokens, rec.psi, rec.a, 0)
         if s.images:
             self.images = image_probe(self.ckpt, self.ckpt.config, self.tokens.shape[0], s.seed)
         batches = self.batches()
         self.update_weights = [float(r.stop - r.start) for _, r in batches]
+        per_pass = self.batches_per_pass()
+        mine = [bt for bt in batches if bt[0] % self.world == self.rank]
+        t0 = time.perf_counter()
+        todo = [bt for bt in mine if bt[0] >= done]
+        self.passes = 0
+        for k in range(0, len(todo), per_pass):
+            chunk = todo[k : k + per_pass]
+            self._collect_pass(rec, chunk)
+            self.passes += 1
+            if state is not None and self.world == 1:
+                state.save(self.tokens, rec.psi, rec.a, chunk[-1][0] + 1)
+        self.timings["probe_s"] = time.perf_counter() - t0
+        if self.world > 1:
+            self._gather(rec, batches)
+        return rec
+
+    def batches_per_pass(self) -> int:
+        """How many probe batches' layer inputs fit the activation budget at once (at least 1)."""
+        cfg = self.runner.model.config.get_text_config()
+        k, t = self.tokens.shape
+        t += self.images[2] if self.s.images else 0
+        per_batch = (len(self.runner.layers) + 1) * self.s.batch_size * t * cfg.hidden_size
+        per_batch *= torch.empty((), dtype=self.dtype).element_size()
+        self.spill = per_batch > self.activation_budget
+        return max(1, min(math.ceil(k / self.s.batch_size), self.activation_budget // max(per_batch, 1)))
+
+    def _collect_pass(self, rec: StatsRecorder, batches) -> None:
+        """One streamed pass (forward, head, backward, stem) over a group of probe batches."""
+        s, runner = self.s, self.runner
         n_layers = len(runner.layers)
-        scored = set(self.scored)
         by_layer = {i: [n for n in self.scored if n.startswith(f"{runner.arch.layers}.{i}.")] for i in range(n_layers)}
         stem_scored = [n for n in self.scored if runner.block_of(n) in ("vision", "projector")]
         rec.unit_activation = {n for n in stem_scored if runner.block_of(n) == "projector"}
         out_features = {n: runner.model.get_parameter(n).shape[0] for n in self.scored}
         needs_grad = s.method == "dowser"
-        t0 = time.perf_counter()
+        store = ActivationStore(spill=self.spill)
+        try:
+            # 1. layer-0 inputs (embedding stage; vision tower for images)
+            with torch.no_grad():
+                captured = {b: runner.capture(**self._inputs(rows)) for b, rows in batches}
+            for b, _ in batches:
+                store.put(b, 0, captured[b].hidden)
+                captured[b].hidden = None
 
-        # 1. layer-0 inputs of every batch (embedding stage; vision tower for images)
-        with torch.no_grad():
-            captured = [runner.capture(**self._inputs(rows)) for _, rows in batches]
-        hidden = [[c.hidden] for c in captured]
-
-        # 2. forward: each layer once, over all batches; keep every layer's input
-        last_needed = n_layers if needs_grad or "lm_head" in s.include else max(self.layers) + 1
-        with torch.no_grad(), self._bar(last_needed, "forward") as bar:
-            for i in range(last_needed):
-                handles = rec.attach(self._modules(by_layer[i])) if not needs_grad else []
-                with runner.layer(i) as layer:
+            # 2. forward: each layer once for the whole group; keep every layer's input
+            last = n_layers if needs_grad or "lm_head" in s.include else max(self.layers) + 1
+            with torch.no_grad(), self._bar(last, "forward") as bar:
+                for i, layer in runner.stream(range(last)):
+                    handles = [] if needs_grad else rec.attach(self._modules(by_layer[i]))
                     for b, _ in batches:
-                        hidden[b].append(captured[b].call(layer, hidden[b][i]))
+                        store.put(b, i + 1, captured[b].call(layer, store.get(b, i)))
                         if not needs_grad:
                             rec.finish_update(by_layer[i], out_features)
-                for h in handles:
-                    h.remove()
-                bar.update(1)
-        if not needs_grad:  # wanda: forward statistics only
-            self._head_stats(rec, hidden, batches, scored, out_features)
-            self.timings["probe_s"] = time.perf_counter() - t0
-            return rec
+                    for h in handles:
+                        h.remove()
+                    bar.update(1)
+            self._head_stats(rec, store, batches, out_features)
+            if not needs_grad:  # wanda: forward statistics only
+                return
 
-        # 3. head: M Rademacher draws of the last-position logits -> gradients at the top
-        grads = []
-        for b, rows in batches:
-            top = hidden[b][n_layers].detach().requires_grad_(True)
-            with torch.enable_grad():
-                logits = runner.head_logits(top)
-                xi = rademacher(s.seed, b, s.draws, logits.shape).to(logits.device, logits.dtype)
-                batch = logits.shape[0]
-                grads.append([
-                    torch.autograd.grad((xi[d] * logits).sum() / batch, top, retain_graph=d < s.draws - 1)[0]
-                    for d in range(s.draws)
-                ])
-        self._head_stats(rec, hidden, batches, scored, out_features)
-
-        # 4. backward, layer by layer in reverse, one recomputed forward per batch for all M draws
-        lowest = 0 if stem_scored else min(self.layers)
-        with self._bar(n_layers - lowest, "backward") as bar:
-            for i in reversed(range(lowest, n_layers)):
-                handles = rec.attach(self._modules(by_layer[i]))
-                with runner.layer(i) as layer, torch.enable_grad():
-                    for b, _ in batches:
-                        x = hidden[b][i].detach().requires_grad_(True)
-                        y = captured[b].call(layer, x)
-                        grads[b] = [
-                            torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
-                            for d in range(s.draws)
-                        ]
-                        if by_layer[i]:
-                            rec.finish_update(by_layer[i], out_features)
-                        hidden[b][i + 1] = None  # no longer needed
-                for h in handles:
-                    h.remove()
-                bar.update(1)
-
-        # 5. the stem (vision tower and projector), recomputed with gradients from the pixels
-        if stem_scored:
-            handles = rec.attach(self._modules(stem_scored))
-            for b, rows in batches:
-                inputs = self._inputs(rows)
-                pixels = inputs["pixel_values"].requires_grad_(True)
+            # 3. head: M Rademacher draws of the last-position logits -> gradients at the top
+            grads = {}
+            for b, _ in batches:
+                top = store.get(b, n_layers).requires_grad_(True)
                 with torch.enable_grad():
-                    h0 = runner.capture(**inputs).hidden
-                    for d in range(s.draws):
-                        torch.autograd.grad(h0, pixels, grads[b][d], retain_graph=d < s.draws - 1)
-                rec.finish_update(stem_scored, out_features)
-            for h in handles:
-                h.remove()
-        self.timings["probe_s"] = time.perf_counter() - t0
-        return rec
+                    logits = runner.head_logits(top)
+                    xi = rademacher(s.seed, b, s.draws, logits.shape).to(logits.device, logits.dtype)
+                    grads[b] = [
+                        torch.autograd.grad((xi[d] * logits).sum() / logits.shape[0], top,
+                                            retain_graph=d < s.draws - 1)[0]
+                        for d in range(s.draws)
+                    ]
+                store.drop(b, n_layers)
 
-    def _head_stats(self, rec, hidden, batches, scored, out_features):
+            # 4. backward, layer by layer in reverse; one recomputed forward per batch serves all M draws
+            lowest = 0 if stem_scored else min(self.layers)
+            with self._bar(n_layers - lowest, "backward") as bar:
+                for i, layer in runner.stream(reversed(range(lowest, n_layers))):
+                    handles = rec.attach(self._modules(by_layer[i]))
+                    with torch.enable_grad():
+                        for b, _ in batches:
+                            x = store.get(b, i).requires_grad_(True)
+                            y = captured[b].call(layer, x)
+                            grads[b] = [
+                                torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
+                                for d in range(s.draws)
+                            ]
+                            if by_layer[i]:
+                                rec.finish_update(by_layer[i], out_features)
+                            store.drop(b, i)
+                    for h in handles:
+                        h.remove()
+                    bar.update(1)
+
+            # 5. the stem (vision tower, projector), recomputed with gradients from the pixels
+            if stem_scored:
+                handles = rec.attach(self._modules(stem_scored))
+                for b, rows in batches:
+                    inputs = self._inputs(rows)
+                    pixels = inputs["pixel_values"].requires_grad_(True)
+                    with torch.enable_grad():
+                        h0 = runner.capture(**inputs).hidden
+                        for d in range(s.draws):
+                            torch.autograd.grad(h0, pixels, grads[b][d], retain_graph=d < s.draws - 1)
+                    rec.finish_update(stem_scored, out_features)
+                for h in handles:
+                    h.remove()
+        finally:
+            store.close()
+
+    def _gather(self, rec: StatsRecorder, batches) -> None:
+        """Each rank holds its own batches' updates; sum zero-padded (U, n) tables across ranks
+        (adding zeros is exact) and keep every update in batch order, as one process would."""
+        import torch.distributed as dist
+
+        mine = [b for b, _ in batches if b % self.world == self.rank]
+        for n in self.scored:
+            for table in (rec.psi, rec.a):
+                rows = table[n]
+                full = torch.zeros(len(batches), rows[0].numel())
+                for b, row in zip(mine, rows):
+                    full[b] = row
+                dist.all_reduce(full)
+                table[n] = list(full)
+
+    def _head_stats(self, rec, store, batches, out_features):
         """lm_head: psi = 1 (the output boundary), a = mean |final_norm(h)| over all tokens."""
         head_w = f"{self.runner.arch.head}.weight"
-        if head_w not in scored:
+        if head_w not in self.scored:
             return
         with torch.no_grad():
             for b, _ in batches:
-                h = self.runner.final_norm(hidden[b][len(self.runner.layers)]).float()
+                h = self.runner.final_norm(store.get(b, len(self.runner.layers))).float()
                 dims = tuple(range(h.dim() - 1))
                 a = h.pow(2).mean(dims).sqrt() if self.s.method == "wanda" else h.abs().mean(dims)
                 rec.psi.setdefault(head_w, []).append(torch.ones(out_features[head_w]))
@@ -342,11 +539,11 @@ class ProbeRun:
         return {n: self.runner.model.get_submodule(n.rpartition(".")[0]) for n in names}
 
     # ---- masks and the sidecar ----------------------------------------
-    def run(self) -> SidecarData:
+    def run(self, state: "ResumeState | None" = None) -> SidecarData:
         s, runner = self.s, self.runner
         psi, a, w = {}, {}, None
         if s.method in ("dowser", "wanda"):
-            rec = self.collect()
+            rec = self.collect(state)
             w = torch.tensor(self.update_weights)
             psi = {n: torch.stack(rec.psi[n]) for n in self.scored}
             a = {n: torch.stack(rec.a[n]) for n in self.scored}
@@ -406,29 +603,68 @@ class ProbeRun:
         }
 
 
+def init_distributed(device: str) -> None:
+    """Join the torchrun process group when launched with several processes (gloo on CPU, nccl on GPU)."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        use_cuda = device != "cpu" and torch.cuda.is_available()
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+
+
 def probe(model: str, out: str | None = None, *, revision: str | None = None, settings: ProbeSettings | None = None,
-          force: bool = False, allow_pickle: bool = False, download: bool = False, progress: bool = True) -> dict:
-    """Probe `model` (folder or Hub id) and write its sidecar; returns a summary dict."""
+          force: bool = False, resume: bool = False, allow_pickle: bool = False, download: bool = False,
+          progress: bool = True) -> dict:
+    """Probe `model` (folder or Hub id) and write its sidecar; returns a summary dict.
+
+    Under torchrun the probe batches are split across processes and rank 0 writes.
+    """
     from .outputs import check_destination
 
     settings = settings or ProbeSettings()
     settings.validate()
-    dest = check_destination(out or default_sidecar_name(model), force, inputs=[model])
+    init_distributed(settings.device)
+    rank, world = distributed_rank_world()
+    dest = Path(out or default_sidecar_name(model))
+    state_path = dest.with_name(dest.name + ".resume")
+    if resume and not state_path.is_file():
+        raise DowserError(f"{state_path}: nothing to resume (no state file from an interrupted run)")
+    if not resume and state_path.is_file() and not force:
+        raise DowserError(f"{state_path}: an interrupted run left this state: pass --resume to continue it, "
+                          "or --force to start over")
+    dest = check_destination(dest, force or resume, inputs=[model])
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model, revision, allow_pickle=allow_pickle, download=download)
-    run = ProbeRun(ckpt, settings, progress)
-    data = run.run()
-    write_sidecar(dest, data)
+    run = ProbeRun(ckpt, settings, progress and rank == 0)
+    identity = [ckpt.source, ckpt.sha, sorted((n, list(ckpt.shape(n))) for n in ckpt.tensor_names())]
+    state = ResumeState(state_path, {"settings": settings.fingerprint(), "model": identity}) if world == 1 else None
+    if state is not None and not resume:
+        state.remove()
+    data = run.run(state)
+    if rank == 0:
+        write_sidecar(dest, data)
+    if state is not None:
+        state.remove()
     numel = sum(m.numel() for m in data.masks.values())
     protected = sum(m.protected() for m in data.masks.values())
     return {
         "path": str(dest),
+        "rank": rank,
+        "world": world,
         "tensors": len(data.masks),
         "weights": numel,
         "protected_fraction": protected / numel,
         "probes": None if data.probe_tokens is None else list(data.probe_tokens.shape),
         "seconds": time.perf_counter() - t0,
         "timings": run.timings,
+        "passes": run.passes,
+        "spilled": run.spill,
+        "read_s": run.runner.read_seconds,
+        "wait_s": run.runner.wait_seconds,
         "bytes_read": ckpt.bytes_read,
         "sha": ckpt.sha,
     }

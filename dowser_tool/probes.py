@@ -113,9 +113,8 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     for t in range(length - 1):
         step = runner.capture(input_ids=tokens[:, t : t + 1].to(runner.device), cache=cache, use_cache=True)
         h = step.hidden
-        for i in range(len(runner.layers)):
-            with runner.layer(i) as layer:
-                h = step.call(layer, h)
+        for _, layer in runner.stream(range(len(runner.layers))):
+            h = step.call(layer, h)
         sampled = sample_next(runner.head_logits(h), tokens[:, : t + 1], sampling, gen)
         for r, p in enumerate(prefixes):
             if t + 1 >= len(p):  # past its prefix: the model's own continuation

@@ -15,6 +15,8 @@ no per-architecture forward code is needed.
 from __future__ import annotations
 
 import contextlib
+import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -121,6 +123,8 @@ class BlockRunner:
         self.head = self.model.get_submodule(self.arch.head)
         self._layer_params = [self._params_of(f"{self.arch.layers}.{i}") for i in range(len(self.layers))]
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self.read_seconds = 0.0  # time spent reading layer weights (in the prefetch thread)
+        self.wait_seconds = 0.0  # time the compute loop waited for a layer to arrive
         self._load_stem()
 
     # ---- weights -------------------------------------------------------
@@ -163,14 +167,19 @@ class BlockRunner:
             for alias, target in self.names.tied_alias.items():
                 self._set(alias, self.model.get_parameter(target))
 
-    def load_layer(self, i: int) -> nn.Module:
+    def fetch_layer(self, i: int) -> dict[str, torch.Tensor]:
+        """Read layer i's weights (safe to call from a background thread)."""
         if i in self._resident:
-            tensors = self._resident[i]
-        else:
-            tensors = self._read(self._layer_params[i])
-            if self.resident:
-                self._resident[i] = tensors
-        for n, t in tensors.items():
+            return self._resident[i]
+        t0 = time.perf_counter()
+        tensors = self._read(self._layer_params[i])
+        self.read_seconds += time.perf_counter() - t0
+        if self.resident:
+            self._resident[i] = tensors
+        return tensors
+
+    def load_layer(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        for n, t in (tensors if tensors is not None else self.fetch_layer(i)).items():
             self._set(n, t)
         return self.layers[i]
 
@@ -187,6 +196,29 @@ class BlockRunner:
             yield module
         finally:
             self.release_layer(i)
+
+    def stream(self, order):
+        """Yield (i, layer) for i in `order`, reading the next layer in a background thread
+        while the current one computes, so a pass costs about max(read, compute), not the sum."""
+        order = list(order)
+        if not order:
+            return
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dowser-prefetch")
+        try:
+            future = pool.submit(self.fetch_layer, order[0])
+            for k, i in enumerate(order):
+                t0 = time.perf_counter()
+                tensors = future.result()
+                self.wait_seconds += time.perf_counter() - t0
+                future = pool.submit(self.fetch_layer, order[k + 1]) if k + 1 < len(order) else None
+                self.load_layer(i, tensors)
+                del tensors
+                try:
+                    yield i, self.layers[i]
+                finally:
+                    self.release_layer(i)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def layer_param_names(self, i: int) -> list[str]:
         return list(self._layer_params[i])

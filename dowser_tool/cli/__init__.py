@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
 
 import click
@@ -11,11 +12,23 @@ from .. import __version__
 from ..errors import DowserError
 
 
+def _sigterm_as_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def user_errors(fn):
-    """DowserError -> one line on stderr, exit 1; Ctrl-C/SIGTERM -> exit 130. No tracebacks."""
+    """DowserError -> one line on stderr, exit 1; Ctrl-C/SIGTERM -> exit 130. No tracebacks.
+
+    SIGTERM is turned into KeyboardInterrupt so that every `finally` runs and
+    temporary files and folders are removed, as for Ctrl-C.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        try:
+            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+        except ValueError:  # not in the main thread (e.g. embedded): leave signals alone
+            pass
         try:
             return fn(*args, **kwargs)
         except DowserError as e:

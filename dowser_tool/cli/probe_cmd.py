@@ -33,23 +33,31 @@ def _split(value):
               help="Keep score statistics so masks can be re-cut at any ratio.")
 @click.option("--resident", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Keep loaded layers in memory instead of re-reading them (auto: models under 1 GB).")
+@click.option("--activation-budget", help="Memory for stored layer inputs per pass, e.g. 2GB "
+              "[default: 1/4 of free RAM]; past it, batches go in several passes and spill to disk.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its OUT.resume state.")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
 @click.option("--download", is_flag=True, help="Download whole Hub shards to the HF cache instead of ranged reads.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def probe(model, revision, out, include, allow_pickle, download, force, quiet, **options):
+def probe(model, revision, out, include, activation_budget, resume, allow_pickle, download, force, quiet, **options):
     """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
-    from ..probe import ProbeSettings, probe as run_probe
+    from ..probe import ProbeSettings, parse_size, probe as run_probe
     from ..streaming import limit_heap_fragmentation
 
     limit_heap_fragmentation()
-    settings = ProbeSettings(include=_split(include), **options)
-    summary = run_probe(model, out, revision=revision, settings=settings, force=force, allow_pickle=allow_pickle,
-                        download=download, progress=not quiet)
+    budget = parse_size(activation_budget) if activation_budget else None
+    settings = ProbeSettings(include=_split(include), activation_budget=budget, **options)
+    summary = run_probe(model, out, revision=revision, settings=settings, force=force, resume=resume,
+                        allow_pickle=allow_pickle, download=download, progress=not quiet)
+    if summary["rank"] != 0:
+        return
+    passes = f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"
     click.echo(
         f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
-        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s"
+        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s "
+        f"({passes}{', activations spilled to disk' if summary['spilled'] else ''})"
     )
 
 

@@ -245,3 +245,32 @@ def scored_names(
         elif block in include and block in ("projector", "vision") and is_linear and is_linear(canon):
             out.append(canon)
     return out
+
+
+
+# For models of a family not listed above: only wrapper prefixes (PEFT) are folded.
+_WRAPPERS_ONLY = Architecture(model_types=(), auto_class="", layers="", embed="", final_norm="", head="")
+
+
+def match_names(wanted, available, arch: Architecture | None) -> tuple[dict[str, str], list[str]]:
+    """Pair names of one layout (a sidecar's checkpoint names) with names of another (a model's
+    in-memory parameter names, PEFT-wrapped or not) through their canonical names.
+
+    Returns (wanted name -> available name, wanted names that match nothing). `arch` None
+    (a family this module does not know) folds only wrapper prefixes.
+    """
+    arch = arch or _WRAPPERS_ONLY
+    by_canonical: dict[str, str] = {}
+    for name in available:
+        canon = canonical_name(name, arch)
+        other = by_canonical.setdefault(canon, name)
+        if other != name:
+            raise DowserError(f"names {other!r} and {name!r} both map to {canon!r}")
+    matched, missing = {}, []
+    for name in wanted:
+        hit = by_canonical.get(canonical_name(name, arch))
+        if hit is None:
+            missing.append(name)
+        else:
+            matched[name] = hit
+    return matched, missing

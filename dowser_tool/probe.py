@@ -514,9 +514,10 @@ class ProbeRun:
 
         mine = [b for b, _ in batches if b % self.world == self.rank]
         for n in self.scored:
-            for table in (rec.psi, rec.a):
-                rows = table[n]
-                full = torch.zeros(len(batches), rows[0].numel())
+            out_f, in_f = self.runner.model.get_parameter(n).shape
+            for table, width in ((rec.psi, out_f), (rec.a, in_f)):
+                rows = table.get(n, [])
+                full = torch.zeros(len(batches), width)
                 for b, row in zip(mine, rows):
                     full[b] = row
                 dist.all_reduce(full)

@@ -274,3 +274,26 @@ def match_names(wanted, available, arch: Architecture | None) -> tuple[dict[str,
         else:
             matched[name] = hit
     return matched, missing
+
+
+# PEFT LoRA adapter keys: `<wrapper><module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r) for
+# Linear modules, `<module>.lora_embedding_A` / `_B` for embeddings; an adapter name may follow the
+# part (`lora_A.default.weight`) in in-memory state dicts. Saved files drop it.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[\w-]+)?(\.weight)?$")
+
+
+def lora_target(key: str, arch: Architecture | None) -> tuple[str, str, str] | None:
+    """For a PEFT LoRA key: (canonical name of the weight it adapts, part, PEFT module name), else None.
+
+    Part is "A" or "B" ("embedding_A"/"embedding_B" for embeddings). The PEFT module name is
+    the in-memory module path without the wrapper prefix: what `rank_pattern` keys match.
+    """
+    m = _LORA_KEY.match(key)
+    if m is None:
+        return None
+    module = m.group("module")
+    for prefix in _WRAPPER_PREFIXES:
+        if module.startswith(prefix):
+            module = module[len(prefix) :]
+    part = m.group("part")[len("lora_") :]
+    return canonical_name(f"{module}.weight", arch or _WRAPPERS_ONLY), part, module

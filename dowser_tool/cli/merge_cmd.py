@@ -2,13 +2,39 @@
 
 import click
 
-from ..errors import DowserError
 from . import user_errors
 
 
-@click.command(context_settings={"ignore_unknown_options": True})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+@click.command()
+@click.option("--base", required=True, help="Base model the mask was probed on (folder or Hub id).")
+@click.option("--finetuned", required=True, help="Fine-tuned model, or a PEFT LoRA adapter on BASE (folder or Hub id).")
+@click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="Mask sidecar.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--restore", help="Fraction of each masked matrix restored from BASE, highest scores first; "
+              "a comma list writes OUT-r<F> per value [default: 0.3].")
+@click.option("--update-ratio", help="Same as --restore 1-R.")
+@click.option("--base-revision", help="Branch, tag or commit of a Hub BASE.")
+@click.option("--finetuned-revision", help="Branch, tag or commit of a Hub FT.")
+@click.option("--shard-size", help="Re-shard the output into files up to this size, e.g. 5GB [default: FT's shards].")
+# A plain string checked by the library, so a bad value gets the same one-line error as other inputs.
+@click.option("--dtype", default="keep", show_default=True,
+              help="Output dtype of floating-point tensors: keep, bfloat16, float16 or float32.")
+@click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
+@click.option("--force", is_flag=True, help="Overwrite outputs; merge despite a provenance or shape mismatch.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
-def merge(args):
-    """Repair a fine-tuned checkpoint from its base with a mask (not implemented yet)."""
-    raise DowserError("dowser merge: not implemented yet")
+def merge(base, finetuned, mask_path, out, restore, update_ratio, base_revision, finetuned_revision, shard_size,
+          dtype, allow_pickle, force, quiet):
+    """Repair a fine-tuned checkpoint: restore the top-scoring weights of each masked matrix from BASE."""
+    from ..merge import merge_checkpoint
+    from ..probe import parse_size
+    from ..streaming import limit_heap_fragmentation
+
+    limit_heap_fragmentation()
+    summaries = merge_checkpoint(
+        base, finetuned, mask_path, out, restore=restore, update_ratio=update_ratio, base_revision=base_revision,
+        finetuned_revision=finetuned_revision, shard_size=parse_size(shard_size) if shard_size else None,
+        dtype=dtype, allow_pickle=allow_pickle, force=force, progress=not quiet,
+    )
+    for summary in summaries:
+        click.echo(summary.line())

@@ -1,0 +1,497 @@
+"""`dowser merge`: repair a fine-tuned checkpoint from its base, tensor by tensor.
+
+For every tensor a mask covers, protected entries come from BASE and the others
+from the fine-tuned checkpoint (FT); every other tensor is FT's, unchanged. The
+output keeps FT's shard layout (BASE's for a LoRA adapter) and is written
+header-first, one tensor in memory at a time; shards that need no change are
+copied byte for byte, and unchanged tensors inside rewritten shards are copied as
+raw bytes, never decoded.
+
+Repair strength: `restore` F protects the fraction F of each scored matrix with the
+highest scores, re-cut from the sidecar's statistics and BASE's weights (restoring
+the training mask, F = 0.9, undoes most of a fine-tune; METHOD.md "Post-hoc repair").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from . import __version__
+from .checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+from .errors import DowserError
+from .lora_merge import LoraAdapter, is_adapter
+from .names import NameMap, architecture_for, canonical_name, ties_embeddings
+from .outputs import atomic_dir, check_destination
+from .safetensors_format import DTYPES, TORCH_TO_ST, StreamingWriter, itemsize
+from .sidecar import Sidecar
+
+DEFAULT_RESTORE = 0.3
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+OUTPUT_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+REPAIR_RECORD = "dowser_repair.json"
+# Non-weight files copied from FT (top level only: repos may hold e.g. original/*.pth).
+_COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken", ".py")
+_NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", "adapter_config.json", REPAIR_RECORD}
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class MergeSummary:
+    out: Path
+    restore: float | None  # None: the sidecar's own mask was applied
+    tensors_restored: int
+    entries_restored: int
+    bytes_written: int
+    seconds: float
+    shards_copied: int
+
+    def line(self) -> str:
+        strength = "the sidecar's own mask" if self.restore is None else f"restore {self.restore:g}"
+        return (
+            f"wrote {self.out} ({strength}): {self.tensors_restored} tensors restored, "
+            f"{self.entries_restored:,} entries restored, {self.bytes_written / 1e9:.2f} GB written "
+            f"({self.shards_copied} shards copied unchanged) in {self.seconds:.1f}s"
+        )
+
+
+@dataclass
+class Item:
+    """One output tensor and where its value comes from."""
+
+    name: str  # in the output (= the source checkpoint's name)
+    dtype: str  # output safetensors dtype
+    shape: tuple[int, ...]
+    base_name: str | None = None  # BASE tensor restored into it (when masked)
+    mask_names: list[str] = field(default_factory=list)  # sidecar names (several when tied)
+    adapted: bool = False  # LoRA: value is BASE's plus the adapter's update
+
+    @property
+    def nbytes(self) -> int:
+        n = itemsize(self.dtype)
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def parse_fractions(text: str | None, what: str) -> list[float] | None:
+    """'0.1,0.3' -> [0.1, 0.3]; each in [0, 1]."""
+    if text is None or str(text).strip() == "":
+        return None
+    out = []
+    for part in str(text).split(","):
+        try:
+            value = float(part)
+        except ValueError:
+            raise DowserError(f"{what} must be a number or a comma list of numbers, got {part.strip()!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise DowserError(f"{what} must be in [0, 1], got {value:g}")
+        out.append(value)
+    return out
+
+
+def _restore_values(restore, update_ratio) -> list[float] | None:
+    if restore is not None and update_ratio is not None:
+        raise DowserError("pass --restore or --update-ratio, not both (--update-ratio R means --restore 1-R)")
+    if isinstance(restore, str):
+        restore = parse_fractions(restore, "--restore")
+    if isinstance(update_ratio, str):
+        update_ratio = parse_fractions(update_ratio, "--update-ratio")
+    values = update_ratio if update_ratio is not None else restore
+    if values is None:
+        return None
+    values = [float(v) for v in (values if isinstance(values, (list, tuple)) else [values])]
+    for v in values:
+        if not 0.0 <= v <= 1.0:
+            raise DowserError(f"repair strength must be in [0, 1], got {v:g}")
+    if update_ratio is not None:
+        values = [round(1.0 - v, 10) for v in values]
+    if len(set(values)) != len(values):
+        raise DowserError("repair strengths repeat a value")
+    return values
+
+
+def _local_sha(ckpt: Checkpoint) -> str | None:
+    """A checkpoint's commit: the Hub's, or a HF-cache snapshot folder's name."""
+    if ckpt.sha:
+        return ckpt.sha
+    path = Path(ckpt.source)
+    if path.parent.name == "snapshots" and len(path.name) == 40:
+        return path.name
+    return None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class Merge:
+    """Inputs opened and checked, and the output planned; `write(dest, restore)` writes one output."""
+
+    def __init__(self, base, finetuned, mask, *, base_revision=None, finetuned_revision=None,
+                 shard_size=None, dtype="keep", allow_pickle=False, force=False, progress=True):
+        if dtype not in OUTPUT_DTYPES:
+            raise DowserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
+        self.out_dtype = OUTPUT_DTYPES[dtype]
+        self.shard_size, self.force, self.progress = shard_size, force, progress
+        self.sidecar = Sidecar(mask)
+        self.base = open_checkpoint(base, base_revision, allow_pickle=allow_pickle)
+        self.ft = open_checkpoint(finetuned, finetuned_revision, allow_pickle=allow_pickle)
+        if self.base.config is None:
+            raise DowserError(f"{self.base.where}: no config.json (BASE must be a full model)")
+        self.arch = architecture_for(self.base.config, f"{self.base.where}/config.json")
+        self.base_map = NameMap(self.base.tensor_names(), self.arch,
+                                ties_embeddings(self.base.config, self.arch), self.base.where)
+        self.adapter = None
+        if is_adapter(self.ft):
+            # The output is BASE with the adapter merged in: BASE's names, layout and config.
+            self.adapter = LoraAdapter(self.ft, self.arch)
+            self.src, self.src_map = self.base, self.base_map
+        else:
+            if self.ft.config is None:
+                raise DowserError(f"{self.ft.where}: no config.json and no adapter_config.json")
+            ft_type, base_type = self.ft.config.get("model_type"), self.base.config.get("model_type")
+            if ft_type != base_type:
+                raise DowserError(f"{self.ft.where}: model_type {ft_type!r} differs from BASE's {base_type!r}")
+            self.src = self.ft
+            self.src_map = NameMap(self.ft.tensor_names(), self.arch,
+                                   ties_embeddings(self.ft.config, self.arch), self.ft.where)
+        self._check_provenance()
+        self.items = self._plan_items()
+        self.layout = self._plan_layout()
+
+    # ---- checks and plan ---------------------------------------------
+    def _check_provenance(self) -> None:
+        recorded = self.sidecar.metadata.get("base_model") or {}
+        mask_sha, base_sha = recorded.get("sha"), _local_sha(self.base)
+        if mask_sha and base_sha and mask_sha != base_sha:
+            msg = (f"{self.sidecar.path}: the mask was probed on {recorded.get('id')}@{mask_sha[:12]}, "
+                   f"but BASE {self.base.where} is at {base_sha[:12]}")
+            if not self.force:
+                raise DowserError(msg + " (pass --force to merge anyway)")
+            warn(msg + "; merging anyway (--force)")
+        elif mask_sha and not base_sha:
+            warn(f"cannot check that BASE {self.base.where} is the commit the mask was probed on "
+                 f"({recorded.get('id')}@{mask_sha[:12]}): BASE is a local folder")
+
+    def _refuse(self, msg: str) -> None:
+        """A mismatch between mask and tensors: fatal unless --force, then the tensor keeps FT's value."""
+        if not self.force:
+            raise DowserError(msg + " (pass --force to skip it and keep the fine-tuned values)")
+        warn(msg + "; kept the fine-tuned values (--force)")
+
+    def _plan_items(self) -> dict[str, Item]:
+        items: dict[str, Item] = {}
+        for name in self.src.tensor_names():
+            st = TORCH_TO_ST[self.src.dtype(name)]
+            canon = self.src_map.to_canonical(name)
+            shape = tuple(self.src.shape(name))
+            if self.adapter and canon in self.adapter.replacements:
+                shape = tuple(self.ft.shape(self.adapter.replacements[canon]))
+            dtype = self.out_dtype if self.out_dtype and st in FLOAT_DTYPES else st
+            items[name] = Item(name, dtype, shape, adapted=bool(self.adapter and self.adapter.touches(canon)))
+        if self.adapter:
+            for canon in list(self.adapter.pairs) + list(self.adapter.replacements):
+                if canon not in self.base_map:
+                    raise DowserError(f"{self.ft.where}: the adapter changes {canon!r}, which BASE does not have")
+                if canon in self.base_map.tied_alias:
+                    raise DowserError(f"{self.ft.where}: the adapter changes {canon!r}, which BASE ties to "
+                                      f"{self.base_map.tied_alias[canon]!r}; untie it first")
+                self.adapter.check_shape(canon, tuple(self.base.shape(self.base_map.to_checkpoint(canon))))
+        for mask_name in self.sidecar.names:
+            canon = canonical_name(mask_name, self.arch)
+            if canon not in self.base_map:
+                self._refuse(f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have")
+                continue
+            base_name = self.base_map.to_checkpoint(canon)
+            mask_shape, base_shape = self.sidecar.shapes[mask_name], tuple(self.base.shape(base_name))
+            if mask_shape != base_shape:
+                self._refuse(f"{self.sidecar.path}: {mask_name!r} has shape {list(mask_shape)} in the mask "
+                             f"but {list(base_shape)} in BASE")
+                continue
+            if canon not in self.src_map:
+                raise DowserError(f"{self.ft.where}: has no tensor for {mask_name!r}, which the mask covers")
+            item = items[self.src_map.to_checkpoint(canon)]
+            if item.base_name not in (None, base_name):
+                raise DowserError(f"{mask_name!r} and {item.mask_names[0]!r} restore one fine-tuned tensor "
+                                  f"{item.name!r} from different BASE tensors")
+            self._check_shapes(item, base_shape)
+            item.base_name = base_name
+            item.mask_names.append(mask_name)
+        return items
+
+    def _check_shapes(self, item: Item, base_shape: tuple[int, ...]) -> None:
+        if item.shape == base_shape:
+            return
+        if len(item.shape) == len(base_shape) and item.shape[1:] == base_shape[1:]:
+            warn(f"{item.name!r} has {item.shape[0]} rows in FT and {base_shape[0]} in BASE (resized vocabulary?): "
+                 f"restoring the {min(item.shape[0], base_shape[0])} rows they share")
+            return
+        raise DowserError(f"{item.name!r} has shape {list(item.shape)} in FT but {list(base_shape)} in BASE: "
+                          "cannot restore it")
+
+    def _plan_layout(self) -> list[tuple[str, list[str]]]:
+        """Output shards: (file name, tensor names in file order)."""
+        def order(name):
+            ref = self.src.ref(name)
+            return (ref.file, ref.entry.start if ref.entry else 0)
+
+        names = sorted(self.items, key=order)
+        if self.shard_size is None:
+            shards: dict[str, list[str]] = {}
+            for name in names:
+                shards.setdefault(self.src.ref(name).file, []).append(name)
+            return [(_safetensors_name(f), ns) for f, ns in shards.items()]
+        groups: list[list[str]] = [[]]
+        size = 0
+        for name in names:
+            nbytes = self.items[name].nbytes
+            if groups[-1] and size + nbytes > self.shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(name)
+            size += nbytes
+        if len(groups) == 1:
+            return [("model.safetensors", groups[0])]
+        return [(f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors", g) for i, g in enumerate(groups)]
+
+    def _copyable_shard(self, file: str, names: list[str]) -> str | None:
+        """The source shard to copy byte for byte into `file`, if nothing in it changes."""
+        if self.shard_size is not None:
+            return None
+        src_file = self.src.ref(names[0]).file
+        if src_file != file:  # a pickled shard becomes safetensors
+            return None
+        return src_file if all(self._raw(self.items[n]) for n in names) else None
+
+    def _raw(self, item: Item) -> bool:
+        """Whether a tensor goes out as its source bytes, undecoded."""
+        entry = self.src.ref(item.name).entry
+        return entry is not None and not item.mask_names and not item.adapted and entry.dtype == item.dtype
+
+    # ---- masks --------------------------------------------------------
+    def masks_without_stats(self, restore: list[float] | None) -> list[float | None]:
+        """The strengths to write: `restore`, or [None] (the sidecar's own mask) without statistics."""
+        if self.sidecar.has_stats:
+            return restore or [DEFAULT_RESTORE]
+        own = self.sidecar.metadata.get("update_ratio")
+        own_restore = round(1 - float(own), 10) if isinstance(own, (int, float)) else None
+        if restore is not None and restore != [own_restore]:
+            raise DowserError(
+                f"{self.sidecar.path}: holds no score statistics, so only its own mask"
+                f"{f' (restore {own_restore:g})' if own_restore is not None else ''} can be applied, not "
+                f"--restore {','.join(f'{r:g}' for r in restore)}; omit --restore, or probe again with --save-stats"
+            )
+        if restore is None:
+            warn(f"{self.sidecar.path} holds no score statistics: applying its own mask"
+                 f"{f', which restores {own_restore:.0%} of each matrix' if own_restore is not None else ''}. "
+                 "A training-strength mask largely undoes the fine-tune; probe with --save-stats to choose "
+                 f"--restore (default {DEFAULT_RESTORE})")
+        return [None]
+
+    def _protected(self, item: Item, base_weight: torch.Tensor, restore: float | None) -> torch.Tensor:
+        mask = None
+        for mask_name in item.mask_names:  # tied weights: an entry is protected if any role protects it
+            m = (self.sidecar.mask(mask_name) if restore is None
+                 else self.sidecar.recut(mask_name, base_weight, 1.0 - restore))
+            mask = m if mask is None else mask | m
+        return mask
+
+    # ---- writing ------------------------------------------------------
+    def _value(self, item: Item, restore: float | None) -> tuple[torch.Tensor, int]:
+        """The output tensor and how many entries were restored from BASE."""
+        canon = self.src_map.to_canonical(item.name)
+        ft = ft_source = self.src.read(item.name)
+        if self.adapter:
+            ft = self.adapter.apply(canon, ft_source)
+        out_dtype = DTYPES[item.dtype]
+        ft = ft.to(out_dtype)
+        if not item.mask_names:
+            return ft, 0
+        # For an adapter the source is BASE itself: reuse the weight just read.
+        base = ft_source if self.adapter and item.base_name == item.name else self.base.read(item.base_name)
+        mask = self._protected(item, base, restore)
+        base = base.to(out_dtype)
+        rows = min(ft.shape[0], base.shape[0]) if ft.dim() else None
+        if rows is not None and (rows != ft.shape[0] or rows != base.shape[0]):
+            mask, base = mask[:rows], base[:rows]
+            out = ft.clone()
+            out[:rows] = _select_bits(mask, base, ft[:rows])
+        else:
+            out = _select_bits(mask, base, ft)
+        return out, int(mask.sum())
+
+    def write(self, dest: Path, restore: float | None) -> MergeSummary:
+        start = time.monotonic()
+        restored_tensors = restored_entries = copied = 0
+        total = sum(item.nbytes for item in self.items.values())
+        with atomic_dir(dest) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dest.name}",
+                                           disable=not self.progress, leave=False) as bar:
+            for file, names in self.layout:
+                src_file = self._copyable_shard(file, names)
+                if src_file is not None:
+                    shutil.copyfile(self.src.file_path(src_file), tmp / file)
+                    copied += 1
+                    bar.update(sum(self.items[n].nbytes for n in names))
+                    continue
+                specs = [(n, self.items[n].dtype, self.items[n].shape) for n in names]
+                with StreamingWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
+                    for name in names:
+                        item = self.items[name]
+                        if self._raw(item):
+                            entry = self.src.ref(name).entry
+                            writer.write(name, self.src.read_bytes(self.src.ref(name).file, entry.start, entry.end))
+                        else:
+                            value, entries = self._value(item, restore)
+                            writer.write(name, value)
+                            restored_tensors += bool(item.mask_names)
+                            restored_entries += entries
+                        bar.update(item.nbytes)
+            self._write_index(tmp)
+            self._copy_files(tmp)
+            summary = MergeSummary(dest, restore, restored_tensors, restored_entries, total,
+                                   0.0, copied)
+            self._write_record(tmp, summary)
+        summary.seconds = time.monotonic() - start
+        return summary
+
+    def _shard_metadata(self, name: str) -> dict:
+        ref = self.src.ref(name)
+        meta = dict(self.src.header(ref.file).metadata) if ref.entry else {}
+        meta.setdefault("format", "pt")
+        return meta
+
+    def _write_index(self, tmp: Path) -> None:
+        sharded = len(self.layout) > 1 or (self.shard_size is None and self._src_has_index())
+        if not sharded:
+            return
+        weight_map = {n: file for file, names in self.layout for n in names}
+        total = sum(item.nbytes for item in self.items.values())
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    def _src_has_index(self) -> bool:
+        files = set(self.src.files())
+        return SAFETENSORS_INDEX in files or "pytorch_model.bin.index.json" in files
+
+    def _copy_files(self, tmp: Path) -> None:
+        """Config, generation config, tokenizer and processor files: FT's (over BASE's for an adapter)."""
+        sources = [self.base, self.ft] if self.adapter else [self.ft]
+        for ckpt in sources:
+            for name in ckpt.files():
+                if "/" in name or name in _NOT_COPIED or not name.endswith(_COPIED_SUFFIXES):
+                    continue
+                if self.adapter and ckpt is self.ft and name == "README.md":
+                    continue  # the adapter's model card describes the adapter, not this model
+                shutil.copyfile(ckpt.file_path(name), tmp / name)
+        if self.out_dtype:
+            self._set_config_dtype(tmp / "config.json")
+
+    def _set_config_dtype(self, path: Path) -> None:
+        if not path.is_file():
+            return
+        config = json.loads(path.read_text())
+        name = str(DTYPES[self.out_dtype]).removeprefix("torch.")
+        for sub in [config] + [v for v in config.values() if isinstance(v, dict)]:
+            for key in ("dtype", "torch_dtype"):
+                if key in sub:
+                    sub[key] = name
+        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+    def _write_record(self, tmp: Path, summary: MergeSummary) -> None:
+        def ckpt_record(ckpt: Checkpoint) -> dict:
+            source = ckpt.source if ckpt.is_remote or _local_sha(ckpt) else str(Path(ckpt.source).resolve())
+            return {"id": source, "revision": ckpt.revision, "sha": _local_sha(ckpt)}
+
+        own = self.sidecar.metadata.get("update_ratio")
+        record = {
+            "tool": "dowser-tool",
+            "tool_version": __version__,
+            "base": ckpt_record(self.base),
+            "finetuned": {**ckpt_record(self.ft), "kind": "lora-adapter" if self.adapter else "full"},
+            "mask": {
+                "path": str(self.sidecar.path.resolve()),
+                "sha256": _file_sha256(self.sidecar.path),
+                "base_model": self.sidecar.metadata.get("base_model"),
+                "has_stats": self.sidecar.has_stats,
+            },
+            "restore": summary.restore if summary.restore is not None else (
+                round(1 - own, 10) if isinstance(own, (int, float)) else None),
+            "mask_source": "sidecar mask" if summary.restore is None else "re-cut from statistics",
+            "dtype": self.out_dtype and str(DTYPES[self.out_dtype]).removeprefix("torch."),
+            "tensors_restored": summary.tensors_restored,
+            "entries_restored": summary.entries_restored,
+        }
+        (tmp / REPAIR_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _safetensors_name(file: str) -> str:
+    """Output name of a source shard (pickled shards become safetensors)."""
+    if file.endswith(".bin"):
+        return file[: -len(".bin")].replace("pytorch_model", "model") + ".safetensors"
+    return file
+
+
+def _select_bits(mask: torch.Tensor, base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
+    """where(mask, base, ft) on the raw bits, so every value (NaN payloads, -0.0) is copied exactly."""
+    as_int = _SAME_SIZE_INT[base.element_size()]
+    out = torch.where(mask, base.contiguous().view(as_int), ft.contiguous().view(as_int))
+    return out.view(base.dtype)
+
+
+def output_dirs(out, restore: list[float | None]) -> list[Path]:
+    """One output per strength: OUT itself, or OUT-r0.1, OUT-r0.3, ... for several."""
+    out = Path(out)
+    if len(restore) == 1:
+        return [out]
+    return [out.with_name(f"{out.name}-r{r:g}") for r in restore]
+
+
+def merge_checkpoint(
+    base,
+    finetuned,
+    mask,
+    out,
+    *,
+    restore: float | Sequence[float] | str | None = None,
+    update_ratio: float | Sequence[float] | str | None = None,
+    base_revision: str | None = None,
+    finetuned_revision: str | None = None,
+    shard_size: int | None = None,
+    dtype: str = "keep",
+    allow_pickle: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> list[MergeSummary]:
+    """Repair FT from BASE with a mask sidecar; write one checkpoint per repair strength.
+
+    `restore` F (default 0.3) protects the top-F fraction of each masked matrix by score;
+    `update_ratio` R is the same as restore 1-R. Several values write OUT-r<F> folders.
+    Returns one summary per output.
+    """
+    strengths = _restore_values(restore, update_ratio)
+    if shard_size is not None and shard_size <= 0:
+        raise DowserError(f"--shard-size must be positive, got {shard_size}")
+    # Checked before any work; a sidecar without statistics allows one output only, so these stay right.
+    dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, strengths or [None])]
+    merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,
+                  shard_size=shard_size, dtype=dtype, allow_pickle=allow_pickle, force=force, progress=progress)
+    strengths = merge.masks_without_stats(strengths)
+    return [merge.write(dest, strength) for dest, strength in zip(dests, strengths)]

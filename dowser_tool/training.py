@@ -40,7 +40,7 @@ class _Guard:
     @classmethod
     def keep(cls, name, param, mask):
         guard = cls(name, param, mask, None)
-        guard.values = param.detach()[guard.mask_on(param.device)].clone()
+        guard.values = param.detach()[guard.mask_on(param.device)]  # boolean indexing copies
         return guard
 
     def mask_on(self, device) -> torch.Tensor:
@@ -214,6 +214,7 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
         update_ratio = validate_ratio(update_ratio)
     if lora_axis_fraction is not None:
         lora_axis_fraction = validate_ratio(lora_axis_fraction, "lora_axis_fraction")
+    model = _unwrap(model)
     source = _MaskSource(mask_or_path)
     if update_ratio is not None and not source.has_stats:
         raise DowserError(f"cannot re-cut at update ratio {update_ratio}: the mask holds no score statistics")
@@ -250,6 +251,18 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
     handle.trainable, handle.protected = counts
     handle.lora = axes
     return handle
+
+
+def _unwrap(model):
+    """The model inside DDP / DataParallel (`.module`) or torch.compile (`._orig_mod`): same
+    parameters, without the wrapper's name prefix."""
+    while True:
+        if isinstance(model, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def _architecture(model):

@@ -298,3 +298,10 @@ def test_callback_enforces_when_the_step_hook_did_not_fire(llava_dir, sidecar, t
     callback.on_optimizer_step(None, None, None, optimizer=opt)
     assert callback.handle.changed() == []
     callback.on_train_end(None, None, None)
+
+
+def test_wrapped_model_is_unwrapped(llava_dir, sidecar):
+    model = load_model(llava_dir)
+    handle = protect(torch.nn.DataParallel(model), sidecar)  # names gain a `module.` prefix
+    assert handle.names == sorted(in_memory_masks(sidecar, llava_dir))
+    handle.remove()

@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+
+from .measure import run_measured
 
 
 def build(folder: Path, layers: int, hidden: int) -> int:
@@ -34,23 +33,9 @@ def build(folder: Path, layers: int, hidden: int) -> int:
 
 def probe_peak_rss(folder: Path, out: Path, probes: int, probe_len: int) -> tuple[int, float]:
     """Peak RSS (bytes) and wall time of one `dowser probe` run in a fresh process."""
-    # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's peak.
-    code = (
-        "import sys\n"
-        "from dowser_tool.cli import main\n"
-        "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')][0].split()[1]\n"
-        "print('PEAK', int(hwm) * 1024, file=sys.stderr)\n"
-    )
-    args = [sys.executable, "-c", code, "probe", str(folder), "--out", str(out), "--force", "-q",
-            "--probes", str(probes), "--probe-len", str(probe_len), "--resident", "never"]
-    t0 = time.perf_counter()
-    r = subprocess.run(args, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if r.returncode != 0 or "PEAK" not in r.stderr:
-        raise SystemExit(r.stderr)
-    peak = int(r.stderr.rsplit("PEAK", 1)[1].split()[0])
-    return peak, wall
+    m = run_measured("dowser_tool", ["probe", folder, "--out", out, "--force", "-q", "--probes", probes,
+                                     "--probe-len", probe_len, "--resident", "never"])
+    return m["peak_rss_bytes"], m["wall_s"]
 
 
 def main(argv=None) -> list[dict]:

@@ -1,0 +1,108 @@
+"""Does reading layer i+1 overlap with computing layer i?
+
+On one random-weight Llama checkpoint, times four things over all decoder layers,
+each from a cold page cache (posix_fadvise DONTNEED on the shards):
+- read: only reading every layer's weights;
+- compute: only running the layers, weights already in memory;
+- serial: read a layer, run it, next (no prefetch);
+- streamed: `BlockRunner.stream`, which reads the next layer in a background thread.
+A streamed pass should approach max(read, compute), not read + compute.
+
+    python -m benchmarks.io_overlap [--hidden 1024 --layers 16 --tokens 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .probe_scale import build
+
+
+def drop_page_cache(folder: Path) -> None:
+    for f in folder.glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--tokens", type=int, default=2048, help="batch x sequence tokens per layer call")
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    from dowser_tool import open_checkpoint
+    from dowser_tool.streaming import BlockRunner
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "llama"
+        size = build(folder, args.layers, args.hidden)
+        runner = BlockRunner(open_checkpoint(folder), torch.device("cpu"), torch.float32)
+        seq = 128
+        ids = torch.randint(3, 1000, (max(1, args.tokens // seq), seq))
+        with torch.no_grad():
+            inputs = runner.capture(input_ids=ids, use_cache=False)
+        n = len(runner.layers)
+
+        def run_layers(layers_iter):
+            h = inputs.hidden
+            with torch.no_grad():
+                for _, layer in layers_iter:
+                    h = inputs.call(layer, h)
+
+        def serial():
+            for i in range(n):
+                with runner.layer(i) as layer:
+                    yield i, layer
+
+        def read_only():
+            for i in range(n):
+                runner.fetch_layer(i)
+
+        resident = [runner.fetch_layer(i) for i in range(n)]
+
+        def compute_only():
+            def it():
+                for i in range(n):
+                    runner.load_layer(i, resident[i])
+                    yield i, runner.layers[i]
+                    runner.release_layer(i)
+            run_layers(it())
+
+        cases = {
+            "read_s": read_only,
+            "compute_s": compute_only,
+            "serial_s": lambda: run_layers(serial()),
+            "streamed_s": lambda: run_layers(runner.stream(range(n))),
+        }
+        best = {k: float("inf") for k in cases}
+        for _ in range(args.repeats):
+            for name, fn in cases.items():
+                drop_page_cache(folder)
+                t0 = time.perf_counter()
+                fn()
+                best[name] = min(best[name], time.perf_counter() - t0)
+        row = {"figure": "io_overlap", "checkpoint_bytes": size, "layers": n, "hidden": args.hidden,
+               "tokens_per_call": int(ids.numel()), **{k: round(v, 3) for k, v in best.items()}}
+        row["streamed_over_sum"] = round(best["streamed_s"] / (best["read_s"] + best["compute_s"]), 3)
+        row["streamed_over_max"] = round(best["streamed_s"] / max(best["read_s"], best["compute_s"]), 3)
+        row["serial_over_sum"] = round(best["serial_s"] / (best["read_s"] + best["compute_s"]), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -49,6 +49,7 @@ class HubServer:
     def __init__(self):
         self.repos: dict[str, Repo] = {}
         self.log = Log()
+        self.redirect_files_to: str | None = None  # another server's URL: answer /resolve/ with a 302 there
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -123,6 +124,9 @@ class HubServer:
             f = self.repos[repo_id].commits[sha] / filename
             if not f.is_file():
                 return self._error(h, path, "EntryNotFound", auth)
+            if self.redirect_files_to and filename.endswith(".safetensors"):  # like the Hub's CDN redirects
+                location = f"{self.redirect_files_to}/{repo_id}/resolve/{sha}/{filename}"
+                return self._send(h, path, 302, b"", {"Location": location}, head, auth)
             size = f.stat().st_size
             etag = f'"{fake_sha(str(f) + str(size))}"'
             headers = {

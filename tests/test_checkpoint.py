@@ -145,3 +145,25 @@ def test_truncated_shard(tmp_path, llama_dir):
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(DowserError, match=r"model.safetensors: truncated"):
         open_checkpoint(d)
+
+
+def test_token_not_sent_to_another_host_on_redirect(hub, tmp_path, monkeypatch):
+    """The Hub redirects file downloads to a CDN; the token must stay with the configured endpoint."""
+    from .hub_server import HubServer
+
+    cdn = HubServer()
+    try:
+        d = make_llama(tmp_path / "m")
+        sha = hub.add_repo("org/m", d)
+        cdn.add_repo("org/m", d, sha=sha)
+        cdn_url = cdn.url.replace("127.0.0.1", "localhost")  # another origin
+        hub.redirect_files_to = cdn_url
+        monkeypatch.setenv("HF_TOKEN", "hf_secret_test_token")
+        ckpt = open_checkpoint("org/m")
+        ref = load_file(d / "model.safetensors")
+        assert torch.equal(ckpt.read("model.norm.weight"), ref["model.norm.weight"])
+        assert cdn.log.requests, "the redirect was not followed"
+        assert all(r["auth"] is None for r in cdn.log.requests)
+        assert all(r["auth"] == "Bearer hf_secret_test_token" for r in hub.log.requests)
+    finally:
+        cdn.close()

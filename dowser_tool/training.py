@@ -62,7 +62,9 @@ class _Guard:
         if self.values is None:
             p.masked_fill_(mask, 0)
         else:
-            p.masked_scatter_(mask, self.values.to(p.device, p.dtype))
+            if self.values.device != p.device or self.values.dtype != p.dtype:
+                self.values = self.values.to(p.device, p.dtype)  # the model moved after protect(): follow once
+            p.masked_scatter_(mask, self.values)
 
     @torch.no_grad()
     def zero_state(self, state: dict) -> None:
@@ -74,7 +76,7 @@ class _Guard:
 
     def changed(self) -> bool:
         now = self.param.detach()[self.mask_on(self.param.device)]
-        before = torch.zeros_like(now) if self.values is None else self.values.to(now.device)
+        before = torch.zeros_like(now) if self.values is None else self.values.to(now.device, now.dtype)
         return not torch.equal(_bits(now), _bits(before))
 
 

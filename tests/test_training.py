@@ -305,3 +305,36 @@ def test_wrapped_model_is_unwrapped(llava_dir, sidecar):
     handle = protect(torch.nn.DataParallel(model), sidecar)  # names gain a `module.` prefix
     assert handle.names == sorted(in_memory_masks(sidecar, llava_dir))
     handle.remove()
+
+
+def test_dowser_merge_after_lora_restores_the_entrywise_mask(llava_dir, sidecar, tmp_path):
+    from dowser_tool import Sidecar
+    from dowser_tool.merge import merge_checkpoint
+
+    model = lora_model(llava_dir)
+    handle = protect(model, sidecar)
+    opt, sched = adamw_with_schedule(model.parameters())
+    train(model, opt, sched, batches(96))
+    handle.remove()
+    model.save_pretrained(tmp_path / "adapter")
+    merge_checkpoint(str(llava_dir), str(tmp_path / "adapter"), str(sidecar), str(tmp_path / "out"),
+                     update_ratio=0.25, progress=False)
+    base, out, side = open_checkpoint(llava_dir), open_checkpoint(tmp_path / "out"), Sidecar(sidecar)
+    moved = 0
+    for name in side.names:
+        mask, before, after = side.mask(name), base.read(name), out.read(name)
+        assert torch.equal(after[mask], before[mask])
+        moved += int((after != before).sum())
+    assert moved > 0  # the adapters' trainable entries survive the repair
+
+
+def test_model_converted_after_protect(llava_dir, sidecar):
+    model = load_model(llava_dir)
+    handle = protect(model, sidecar)
+    model.to(torch.bfloat16)  # same Parameter objects, new data: the saved values follow
+    before = snapshot(model)
+    opt, sched = adamw_with_schedule(model.parameters())
+    train(model, opt, sched, batches(96, 2))
+    assert handle.changed() == []
+    assert_protected_fixed_and_trainable_moved(model, before, in_memory_masks(sidecar, llava_dir))
+    handle.remove()

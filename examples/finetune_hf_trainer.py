@@ -8,9 +8,8 @@ every optimizer step; TRL trainers (SFTTrainer, ...) take it the same way.
 
 from __future__ import annotations
 
-import tempfile
 
-from finetune_with_mask import load_example, mask_path, parse_args, report, task_examples
+from finetune_with_mask import load_example, mask_path, parse_args, report, scratch_dir, task_examples
 
 
 def main():
@@ -22,7 +21,7 @@ def main():
     model, tokenizer = load_example(args.model)
     callback = DowserCallback(mask_path(args), update_ratio=args.update_ratio)
     training_args = TrainingArguments(
-        output_dir=args.out or tempfile.mkdtemp(prefix="dowser-trainer-"),
+        output_dir=args.out or scratch_dir("dowser-trainer-"),
         max_steps=args.steps,
         per_device_train_batch_size=4,
         learning_rate=args.lr,

@@ -37,13 +37,23 @@ def parse_args(description: str, default_lr: float = 1e-3) -> argparse.Namespace
     return parser.parse_args()
 
 
+def scratch_dir(prefix: str) -> str:
+    """A temporary folder removed when the example exits."""
+    import atexit
+    import shutil
+
+    folder = tempfile.mkdtemp(prefix=prefix)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
 def mask_path(args) -> str:
     """The sidecar to use: --mask, or a quick probe of the model written to --out (or a temp folder)."""
     if args.mask:
         return args.mask
     from dowser_tool.probe import ProbeSettings, probe
 
-    folder = Path(args.out or tempfile.mkdtemp(prefix="dowser-example-"))
+    folder = Path(args.out or scratch_dir("dowser-example-"))
     folder.mkdir(parents=True, exist_ok=True)
     dest = folder / (Path(args.model).name + ".dowser.safetensors")
     print(f"probing {args.model} (no --mask given) -> {dest}")

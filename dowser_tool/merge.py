@@ -14,11 +14,14 @@ the training mask, F = 0.9, undoes most of a fine-tune; METHOD.md "Post-hoc repa
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import sys
 import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -42,6 +45,8 @@ REPAIR_RECORD = "dowser_repair.json"
 # Non-weight files copied from FT (top level only: repos may hold e.g. original/*.pth).
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken", ".py")
 _NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", "adapter_config.json", REPAIR_RECORD}
+# Tensors prepared ahead of the writer, and threads preparing them: a few tensors in memory at most.
+WORKERS, LOOKAHEAD = 2, 2
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
@@ -287,12 +292,17 @@ class Merge:
         return entry is not None and not item.mask_names and not item.adapted and entry.dtype == item.dtype
 
     # ---- masks --------------------------------------------------------
-    def masks_without_stats(self, restore: list[float] | None) -> list[float | None]:
+    @property
+    def own_restore(self) -> float | None:
+        """The strength of the sidecar's own masks (1 - the update ratio it was cut at)."""
+        own = self.sidecar.metadata.get("update_ratio")
+        return round(1 - float(own), 10) if isinstance(own, (int, float)) else None
+
+    def strengths(self, restore: list[float] | None) -> list[float | None]:
         """The strengths to write: `restore`, or [None] (the sidecar's own mask) without statistics."""
         if self.sidecar.has_stats:
             return restore or [DEFAULT_RESTORE]
-        own = self.sidecar.metadata.get("update_ratio")
-        own_restore = round(1 - float(own), 10) if isinstance(own, (int, float)) else None
+        own_restore = self.own_restore
         if restore is not None and restore != [own_restore]:
             raise DowserError(
                 f"{self.sidecar.path}: holds no score statistics, so only its own mask"
@@ -307,14 +317,23 @@ class Merge:
         return [None]
 
     def _protected(self, item: Item, base_weight: torch.Tensor, restore: float | None) -> torch.Tensor:
+        # At the sidecar's own strength its stored masks are the ones to apply (the ones trained
+        # with, and re-cutting costs more than the I/O); other strengths are re-cut.
+        stored = restore is None or (self.own_restore is not None and abs(restore - self.own_restore) < 1e-9)
         mask = None
         for mask_name in item.mask_names:  # tied weights: an entry is protected if any role protects it
-            m = (self.sidecar.mask(mask_name) if restore is None
-                 else self.sidecar.recut(mask_name, base_weight, 1.0 - restore))
+            m = self.sidecar.mask(mask_name) if stored else self.sidecar.recut(mask_name, base_weight, 1.0 - restore)
             mask = m if mask is None else mask | m
         return mask
 
     # ---- writing ------------------------------------------------------
+    def _produce(self, item: Item, restore: float | None):
+        """(item, bytes or tensor to write, entries restored)."""
+        if self._raw(item):
+            ref = self.src.ref(item.name)
+            return item, self.src.read_bytes(ref.file, ref.entry.start, ref.entry.end), 0
+        return (item, *self._value(item, restore))
+
     def _value(self, item: Item, restore: float | None) -> tuple[torch.Tensor, int]:
         """The output tensor and how many entries were restored from BASE."""
         canon = self.src_map.to_canonical(item.name)
@@ -344,26 +363,25 @@ class Merge:
         total = sum(item.nbytes for item in self.items.values())
         with atomic_dir(dest) as tmp, tqdm(total=total, unit="B", unit_scale=True, desc=f"merge {dest.name}",
                                            disable=not self.progress, leave=False) as bar:
-            for file, names in self.layout:
-                src_file = self._copyable_shard(file, names)
-                if src_file is not None:
-                    shutil.copyfile(self.src.file_path(src_file), tmp / file)
-                    copied += 1
-                    bar.update(sum(self.items[n].nbytes for n in names))
-                    continue
-                specs = [(n, self.items[n].dtype, self.items[n].shape) for n in names]
-                with StreamingWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
-                    for name in names:
-                        item = self.items[name]
-                        if self._raw(item):
-                            entry = self.src.ref(name).entry
-                            writer.write(name, self.src.read_bytes(self.src.ref(name).file, entry.start, entry.end))
-                        else:
-                            value, entries = self._value(item, restore)
-                            writer.write(name, value)
+            copies = {file: self._copyable_shard(file, names) for file, names in self.layout}
+            streamed = [self.items[n] for file, names in self.layout if copies[file] is None for n in names]
+            with ThreadPoolExecutor(WORKERS) as pool, contextlib.closing(
+                _in_order(pool, lambda item: self._produce(item, restore), streamed)
+            ) as values:
+                for file, names in self.layout:
+                    if copies[file] is not None:
+                        shutil.copyfile(self.src.file_path(copies[file]), tmp / file)
+                        copied += 1
+                        bar.update(sum(self.items[n].nbytes for n in names))
+                        continue
+                    specs = [(n, self.items[n].dtype, self.items[n].shape) for n in names]
+                    with StreamingWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
+                        for name in names:
+                            item, data, entries = next(values)
+                            writer.write(name, data)
                             restored_tensors += bool(item.mask_names)
                             restored_entries += entries
-                        bar.update(item.nbytes)
+                            bar.update(item.nbytes)
             self._write_index(tmp)
             self._copy_files(tmp)
             summary = MergeSummary(dest, restore, restored_tensors, restored_entries, total,
@@ -449,6 +467,26 @@ def _safetensors_name(file: str) -> str:
     return file
 
 
+def _in_order(pool: ThreadPoolExecutor, fn, items):
+    """fn(item) for each item, in order, computed up to LOOKAHEAD items ahead on the pool.
+
+    Reads, re-cuts and the writer's I/O overlap (torch and file reads release the GIL);
+    the window bounds memory to a few tensors. Unstarted work is cancelled when the
+    consumer stops early.
+    """
+    pending: deque = deque()
+    try:
+        for item in items:
+            pending.append(pool.submit(fn, item))
+            if len(pending) > LOOKAHEAD:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
 def _select_bits(mask: torch.Tensor, base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """where(mask, base, ft) on the raw bits, so every value (NaN payloads, -0.0) is copied exactly."""
     as_int = _SAME_SIZE_INT[base.element_size()]
@@ -493,5 +531,5 @@ def merge_checkpoint(
     dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, strengths or [None])]
     merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,
                   shard_size=shard_size, dtype=dtype, allow_pickle=allow_pickle, force=force, progress=progress)
-    strengths = merge.masks_without_stats(strengths)
+    strengths = merge.strengths(strengths)
     return [merge.write(dest, strength) for dest, strength in zip(dests, strengths)]

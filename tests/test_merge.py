@@ -319,6 +319,25 @@ def test_without_statistics_only_the_own_mask(tmp_path, capsys):
     assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, 0.75))
 
 
+def test_own_strength_applies_the_stored_masks(tmp_path):
+    base = make_llama(tmp_path / "base", seed=0)
+    ft = make_llama(tmp_path / "ft", seed=1)
+    mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", update_ratio=0.2)
+    # stored masks that no re-cut would give: the tool must use them as they are at restore 0.8
+    from dowser_tool.sidecar import Sidecar
+
+    data = Sidecar(mask).read_all()
+    g = torch.Generator().manual_seed(5)
+    data.masks = {n: torch.rand(m.shape, generator=g) < 0.8 for n, m in data.masks.items()}
+    write_sidecar(mask, data)
+    (s,) = merge_checkpoint(base, ft, mask, tmp_path / "out", restore=0.8, progress=False)
+    base_sd, want = state_dict(base), state_dict(ft)
+    for n, m in data.masks.items():
+        want[n][m] = base_sd[n][m]
+    assert_output(tmp_path / "out", want)
+    assert s.restore == 0.8
+
+
 def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
     from dowser_tool import merge as merge_module
 

@@ -353,6 +353,11 @@ def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
     assert code == 130 and sorted(p.name for p in tmp_path.iterdir()) == ["base", "ft", "m.dowser.safetensors"]
 
 
+def test_missing_option_one_line(tmp_path):
+    code, out = run_cli("--base", tmp_path, "--out", tmp_path / "out")
+    assert code == 1 and out.strip() == "error: missing --finetuned, --mask (see dowser merge --help)"
+
+
 @pytest.fixture(scope="module")
 def bad_setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
@@ -385,6 +390,8 @@ BAD = [
     ({"out": "exists"}, "already exists"),
     ({"out": "ft/sub"}, "must not be inside"),
     ({"out": "base"}, "must not be inside"),
+    ({"out": "ft/config.json"}, "must not be inside"),
+    ({"mask": "ft"}, "no such file"),
     ({"restore": "1.5"}, "must be in [0, 1]"),
     ({"restore": "x"}, "comma list"),
     ({"restore": "0.3", "update-ratio": "0.7"}, "not both"),

@@ -5,18 +5,19 @@ import click
 from . import user_errors
 
 
+# Inputs are plain strings checked by the library (and required there), so that every bad input,
+# a missing one included, gets the same one-line error.
 @click.command()
-@click.option("--base", required=True, help="Base model the mask was probed on (folder or Hub id).")
-@click.option("--finetuned", required=True, help="Fine-tuned model, or a PEFT LoRA adapter on BASE (folder or Hub id).")
-@click.option("--mask", "mask_path", required=True, type=click.Path(dir_okay=False), help="Mask sidecar.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder.")
+@click.option("--base", help="Base model the mask was probed on (folder or Hub id).  [required]")
+@click.option("--finetuned", help="Fine-tuned model, or a PEFT LoRA adapter on BASE (folder or Hub id).  [required]")
+@click.option("--mask", "mask_path", help="Mask sidecar.  [required]")
+@click.option("--out", help="Output folder.  [required]")
 @click.option("--restore", help="Fraction of each masked matrix restored from BASE, highest scores first; "
               "a comma list writes OUT-r<F> per value [default: 0.3].")
 @click.option("--update-ratio", help="Same as --restore 1-R.")
 @click.option("--base-revision", help="Branch, tag or commit of a Hub BASE.")
 @click.option("--finetuned-revision", help="Branch, tag or commit of a Hub FT.")
 @click.option("--shard-size", help="Re-shard the output into files up to this size, e.g. 5GB [default: FT's shards].")
-# A plain string checked by the library, so a bad value gets the same one-line error as other inputs.
 @click.option("--dtype", default="keep", show_default=True,
               help="Output dtype of floating-point tensors: keep, bfloat16, float16 or float32.")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
@@ -26,10 +27,15 @@ from . import user_errors
 def merge(base, finetuned, mask_path, out, restore, update_ratio, base_revision, finetuned_revision, shard_size,
           dtype, allow_pickle, force, quiet):
     """Repair a fine-tuned checkpoint: restore the top-scoring weights of each masked matrix from BASE."""
+    from ..errors import DowserError
     from ..merge import merge_checkpoint
     from ..probe import parse_size
     from ..streaming import limit_heap_fragmentation
 
+    given = {"--base": base, "--finetuned": finetuned, "--mask": mask_path, "--out": out}
+    missing = [option for option, value in given.items() if not value]
+    if missing:
+        raise DowserError(f"missing {', '.join(missing)} (see dowser merge --help)")
     limit_heap_fragmentation()
     summaries = merge_checkpoint(
         base, finetuned, mask_path, out, restore=restore, update_ratio=update_ratio, base_revision=base_revision,

@@ -308,6 +308,16 @@ def test_provenance_mismatch_on_hub(hub, tmp_path):
     assert record["base"]["sha"] == sha and record["mask"]["base_model"]["sha"] == sha
 
 
+def test_finetuned_on_hub(hub, tmp_path):
+    base = make_llama(tmp_path / "base", seed=0)
+    ft = make_llama(tmp_path / "ft", seed=1, shard_size="8KB")
+    sha = hub.add_repo("org/ft", ft, tags=["v1"])
+    mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors")
+    merge_checkpoint(base, "org/ft", mask, tmp_path / "out", finetuned_revision="v1", progress=False)
+    assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, 0.3))
+    assert json.loads((tmp_path / "out" / "dowser_repair.json").read_text())["finetuned"]["sha"] == sha
+
+
 def test_without_statistics_only_the_own_mask(tmp_path, capsys):
     base = make_llama(tmp_path / "base", seed=0)
     ft = make_llama(tmp_path / "ft", seed=1)

@@ -1,0 +1,96 @@
+"""The benchmark's only contact with dowser-tool: its CLI (run in-process) and public API.
+
+`repair` is the one place post-hoc repair happens: `dowser merge` when it is
+available, otherwise a labelled stand-in (see STANDIN).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STANDIN = []  # filled with a note when the stand-in repair was used
+
+
+def dowser(*args: str) -> None:
+    """Run `dowser ARGS` in this process (saves an interpreter start per call)."""
+    from dowser_tool.cli import main
+
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):  # its one-line summaries would drown the log
+            main.main([str(a) for a in args], standalone_mode=False)
+    except SystemExit as e:
+        if e.code:
+            raise RuntimeError(f"dowser {' '.join(map(str, args))} failed (exit {e.code})") from None
+
+
+def probe(base: Path, out: Path, method: str, seed: int, ratio: float = 0.1, estimator: str = "reference",
+          probes: int = 64, extra=()) -> Path:
+    args = ["probe", base, "--out", out, "--method", method, "--update-ratio", ratio, "--seed", seed,
+            "--probes", probes, "-q", "--force", *extra]
+    if method == "dowser":
+        args += ["--estimator", estimator]
+    dowser(*args)
+    return out
+
+
+def merge_available() -> bool:
+    from dowser_tool.cli import merge_cmd
+
+    return "not implemented" not in (merge_cmd.merge.help or "")
+
+
+def _weights(path: Path) -> dict:
+    return load_file(str(Path(path) / "model.safetensors"))
+
+
+def write_like(ft: Path, tensors: dict, out: Path) -> Path:
+    """A checkpoint folder: FT's config and tokenizer files with `tensors` as the weights."""
+    shutil.copytree(ft, out, dirs_exist_ok=True)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+def repair(base: Path, ft: Path, sidecar: Path, restore: float, out: Path) -> Path:
+    """Restore the fraction `restore` of each scored matrix (highest scores) from BASE into FT.
+
+    restore=None applies the sidecar's own mask (needed for random masks, which keep no
+    statistics: probe them at update ratio 1 - restore instead).
+    """
+    if merge_available():
+        args = ["merge", "--base", base, "--finetuned", ft, "--mask", sidecar, "--out", out, "--force", "-q"]
+        dowser(*args, *(["--restore", restore] if restore is not None else []))
+        return out
+    # Stand-in until `dowser merge` lands: the same selection through the public load_mask.
+    import dowser_tool
+
+    STANDIN.append("repair: torch.where(mask, BASE, FT) with dowser_tool.load_mask (dowser merge not available)")
+    masks = dowser_tool.load_mask(sidecar, None if restore is None else 1 - restore, base=str(base))
+    b, f = _weights(base), _weights(ft)
+    for name, m in masks.items():
+        f[name] = torch.where(m, b[name], f[name])
+    return write_like(ft, f, out)
+
+
+def repair_delta_weighted(base: Path, ft: Path, sidecar: Path, restore: float, out: Path) -> Path:
+    """Experiment: rank by Dowser score x |FT - BASE| (still data-free) and restore the top `restore`.
+
+    The score is METHOD.md's |W| (.) Psi^T diag(w) A / sum(w), from the sidecar's statistics.
+    """
+    from dowser_tool import Sidecar
+
+    sc = Sidecar(sidecar)
+    b, f = _weights(base), _weights(ft)
+    for name in sc.names:
+        psi, a, w = sc.stats(name)
+        score = b[name].abs() * ((psi * w[:, None]).T @ a) / w.sum() * (f[name] - b[name]).abs()
+        k = int(round(restore * score.numel()))
+        top = torch.zeros(score.numel(), dtype=torch.bool)
+        top[score.flatten().topk(k).indices] = True
+        f[name] = torch.where(top.view_as(score), b[name], f[name])
+    return write_like(ft, f, out)

@@ -18,8 +18,8 @@ import torch
 def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """S = |W| (.) (Psi^T diag(w) A) / sum(w), in float32. psi: (U, out), a: (U, in), w: (U,)."""
     psi, a, w = psi.float(), a.float(), w.float().to(psi.device)
-    outer = (psi * w[:, None]).T @ a.to(psi.device)  # (out, in)
-    return W.detach().float().abs().to(psi.device) * outer / w.sum()
+    score = ((psi * (w / w.sum())[:, None]).T @ a.to(psi.device))  # (out, in), the weighted mean outer product
+    return score.mul_(W.detach().to(psi.device).abs())  # in place: one matrix-sized buffer, not four
 
 
 def trainable_count(numel: int, rho: float) -> int:
@@ -33,20 +33,48 @@ def cut_mask(score: torch.Tensor, rho: float) -> torch.Tensor:
     Exactly k entries are trainable; ties at the threshold go to the lowest flat
     indices, so the result depends only on the scores, not on sort internals.
     """
-    flat = torch.nan_to_num(score.detach().float().reshape(-1), nan=float("inf"))
+    flat = score.detach().float().reshape(-1)
     n = flat.numel()
     k = trainable_count(n, rho)
-    trainable = torch.zeros(n, dtype=torch.bool, device=flat.device)
-    if k >= n:
-        trainable[:] = True
-    elif k > 0:
-        t = torch.kthvalue(flat.cpu(), k).values.to(flat.device)
-        trainable = flat < t
-        need = k - int(trainable.sum())
-        if need > 0:
-            ties = torch.nonzero(flat == t).reshape(-1)[:need]
-            trainable[ties] = True
+    if k <= 0 or k >= n:
+        return torch.full(score.shape, k <= 0, dtype=torch.bool, device=flat.device)
+    t = kth_smallest(flat, k)
+    if torch.isnan(t):  # NaN scores (NaN weights) reach the threshold: rank them last, as +inf
+        flat = torch.nan_to_num(flat, nan=float("inf"))
+        t = kth_smallest(flat, k)
+    # NaN compares false everywhere, so NaN entries stay protected without a cleaning pass.
+    trainable = flat < t
+    need = k - int(torch.count_nonzero(trainable))  # count_nonzero: ~10x faster than a Bool sum
+    if need > 0:
+        ties = torch.nonzero(flat == t).reshape(-1)[:need]
+        trainable[ties] = True
     return (~trainable).reshape(score.shape)
+
+
+def kth_smallest(flat: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
+    """The k-th smallest value (1-based) of a 1-D tensor, exactly.
+
+    A full selection over tens of millions of entries is the slowest step of
+    cutting a mask. A seeded sample brackets the answer between two sample
+    quantiles; then one counting pass and a selection among the few entries
+    inside the bracket give the exact value. Falls back to a full selection
+    if the bracket misses (it practically never does).
+    """
+    n = flat.numel()
+    if n <= 4 * sample:
+        return torch.kthvalue(flat.cpu(), k).values.to(flat.device)
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    idx = torch.randint(0, n, (sample,), generator=gen).to(flat.device)
+    picked = flat[idx].sort().values
+    q = k / n * sample
+    slack = 8 * (q * (1 - k / n)) ** 0.5 + 64  # ~8 standard deviations of a sample quantile's rank
+    lo = picked[max(0, int(q - slack))]
+    hi = picked[min(sample - 1, int(q + slack))]
+    below = int(torch.count_nonzero(flat < lo))
+    inside = flat[(flat >= lo) & (flat <= hi)]
+    if below < k <= below + inside.numel():
+        return torch.kthvalue(inside.cpu(), k - below).values.to(flat.device)
+    return torch.kthvalue(flat.cpu(), k).values.to(flat.device)
 
 
 def validate_ratio(rho: float, what: str = "update ratio") -> float:

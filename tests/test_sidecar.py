@@ -115,3 +115,25 @@ def test_foreign_and_newer_files_refused(tmp_path):
     garbage.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")
     with pytest.raises(DowserError, match="not valid JSON"):
         Sidecar(garbage)
+
+
+@pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
+def test_sampled_selection_is_exact_on_large_matrices(kind):
+    """Large matrices take the sampled-bracket path of kth_smallest: still the exact k-th value."""
+    from dowser_tool.scoring import kth_smallest
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.rand(700, 600, generator=g)
+    if kind == "ties":
+        s = (s * 20).round()
+    if kind == "nan":
+        s[torch.rand(s.shape, generator=g) < 0.05] = float("nan")
+    flat = s.reshape(-1)
+    for rho in (0.001, 0.1, 0.5, 0.9, 0.999):
+        k = trainable_count(flat.numel(), rho)
+        if kind != "nan":
+            assert kth_smallest(flat, k) == torch.kthvalue(flat, k).values
+        m = cut_mask(s, rho)
+        assert int((~m).sum()) == k
+        if kind != "nan":  # every trainable score <= every protected score
+            assert s[~m].max() <= s[m].min()

@@ -428,3 +428,33 @@ def test_bad_inputs_one_line_no_output(bad_setup, change, message):
     assert code != 0 and message in out, out
     assert "Traceback" not in out and len(out.strip().splitlines()) == 1, out
     assert sorted(p.name for p in tmp.iterdir()) == before and not (tmp / "out").exists()
+
+
+def test_sigterm_mid_merge_leaves_nothing(tmp_path):
+    """A real SIGTERM while the output is being written: exit 130, no DIR, no temporary folder."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    base = make_llama(tmp_path / "base", seed=0, hidden=512, layers=8, shard_size="20MB")
+    ft = make_llama(tmp_path / "ft", seed=1, hidden=512, layers=8, shard_size="20MB")
+    mask, _ = make_mask(base, tmp_path / "m.dowser.safetensors")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "dowser_tool", "merge", "--base", str(base), "--finetuned", str(ft),
+                             "--mask", str(mask), "--out", str(out), "-q"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while time.time() - t0 < 120:  # wait until the temporary output folder holds a shard being written
+        tmp = [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+        if tmp and any(f.suffix == ".safetensors" for f in tmp[0].iterdir()):
+            break
+        assert proc.poll() is None, "merge finished before it could be interrupted: " + proc.stderr.read()
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    err = proc.stderr.read()
+    assert "interrupted" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -184,3 +184,19 @@ def test_quickstart_main_job(tmp_path, example_llava):
     assert sc.probe_tokens().shape == (64, 64)
     assert sc.metadata["probe"]["draws"] == 8 and sc.metadata["probe"]["batch_size"] == 4
     assert sc.metadata["update_ratio"] == 0.1 and len(sc.names) == 4 * 7
+
+
+@pytest.mark.parametrize("model_type", ["mistral", "qwen2", "qwen3"])
+def test_other_decoder_families_stream_like_the_oracle(tmp_path, model_type):
+    """Mistral, Qwen2 and Qwen3 run through the same block machinery and match the in-memory oracle."""
+    from .models import make_llama
+
+    folder = make_llama(tmp_path / model_type, model_type=model_type)
+    pf, tokens = probe_file(tmp_path, k=4, t=7)
+    run = ProbeRun(open_checkpoint(folder), ProbeSettings(probe_file=str(pf), batch_size=2, draws=2), progress=False)
+    rec = run.collect()
+    want, _ = reference_statistics(load_full(folder), run.scored, tokens, 2, 2, 0)
+    assert len(run.scored) == 14
+    for n in run.scored:
+        assert_close_rel(torch.stack(rec.psi[n]), want[n][0])
+        assert_close_rel(torch.stack(rec.a[n]), want[n][1])

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import transformers
 
-from . import report, tool
+from . import report
 from .examples import export
 from .run import KINDS, run_kind, settings
 
@@ -51,9 +51,8 @@ def main(argv=None) -> Path:
             export(kind, work / kind / "base", [r for r in kind_rows if r["group"] == "zero-shot"][0])
     wall["total"] = time.time() - t_all
     cmd = "python -m benchmarks.forgetting " + " ".join(map(shlex.quote, argv if argv is not None else sys.argv[1:]))
-    notes = sorted(set(tool.STANDIN))
     path = report.write(rows, out, command=cmd.strip(), seeds=seeds, wall=wall, settings=settings(args.quick),
-                        upstream={k: list(KINDS[k]["up"]) for k in kinds}, notes=notes)
+                        upstream={k: list(KINDS[k]["up"]) for k in kinds}, notes=[])
     print(f"wrote {path} ({wall['total']:.0f} s)")
     return path
 

@@ -1,8 +1,4 @@
-"""The benchmark's only contact with dowser-tool: its CLI (run in-process) and public API.
-
-`repair` is the one place post-hoc repair happens: `dowser merge` when it is
-available, otherwise a labelled stand-in (see STANDIN).
-"""
+"""The benchmark's only contact with dowser-tool: its CLI (run in-process) and public API."""
 
 from __future__ import annotations
 
@@ -13,8 +9,6 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-
-STANDIN = []  # filled with a note when the stand-in repair was used
 
 
 def dowser(*args: str) -> None:
@@ -39,12 +33,6 @@ def probe(base: Path, out: Path, method: str, seed: int, ratio: float = 0.1, est
     return out
 
 
-def merge_available() -> bool:
-    from dowser_tool.cli import merge_cmd
-
-    return "not implemented" not in (merge_cmd.merge.help or "")
-
-
 def _weights(path: Path) -> dict:
     return load_file(str(Path(path) / "model.safetensors"))
 
@@ -56,25 +44,15 @@ def write_like(ft: Path, tensors: dict, out: Path) -> Path:
     return out
 
 
-def repair(base: Path, ft: Path, sidecar: Path, restore: float, out: Path) -> Path:
-    """Restore the fraction `restore` of each scored matrix (highest scores) from BASE into FT.
+def repair(base: Path, ft: Path, sidecar: Path, restore: float | None, out: Path) -> Path:
+    """`dowser merge`: restore the fraction `restore` of each scored matrix (highest scores) from BASE.
 
-    restore=None applies the sidecar's own mask (needed for random masks, which keep no
-    statistics: probe them at update ratio 1 - restore instead).
+    restore=None applies the sidecar's own mask (random masks keep no statistics, so they are
+    probed at update ratio 1 - restore instead).
     """
-    if merge_available():
-        args = ["merge", "--base", base, "--finetuned", ft, "--mask", sidecar, "--out", out, "--force", "-q"]
-        dowser(*args, *(["--restore", restore] if restore is not None else []))
-        return out
-    # Stand-in until `dowser merge` lands: the same selection through the public load_mask.
-    import dowser_tool
-
-    STANDIN.append("repair: torch.where(mask, BASE, FT) with dowser_tool.load_mask (dowser merge not available)")
-    masks = dowser_tool.load_mask(sidecar, None if restore is None else 1 - restore, base=str(base))
-    b, f = _weights(base), _weights(ft)
-    for name, m in masks.items():
-        f[name] = torch.where(m, b[name], f[name])
-    return write_like(ft, f, out)
+    args = ["merge", "--base", base, "--finetuned", ft, "--mask", sidecar, "--out", out, "--force", "-q"]
+    dowser(*args, *(["--restore", restore] if restore is not None else []))
+    return out
 
 
 def repair_delta_weighted(base: Path, ft: Path, sidecar: Path, restore: float, out: Path) -> Path:

@@ -29,13 +29,14 @@ def settings(quick: bool) -> dict:
     """Budgets per kind (lm, vlm). Fine-tuning is short and strong on purpose: long enough for
     full fine-tuning to learn the new task and forget, the regime the benchmark measures."""
     if quick:  # CI smoke run: every row, small model and budgets
-        return dict(size=dict(hidden=64, mlp=128, layers=2, heads=4, vision=32), pretrain_steps={"lm": 400, "vlm": 150},
-                    pretrain_lr={"lm": 3e-3, "vlm": 2e-3},
-                    ft_steps={"lm": 200, "vlm": 250}, ft_lr=3e-3, batch=32, ft_batch=32, n_eval=64, probes=8,
-                    depths=(0.5, 1.0), restore=(0.1, 0.5))
-    return dict(size=dict(hidden=128, mlp=256, layers=4, heads=4, vision=64), pretrain_steps={"lm": 2500, "vlm": 800},
-                pretrain_lr={"lm": 3e-3, "vlm": 2e-3}, ft_steps={"lm": 300, "vlm": 150}, ft_lr=2e-3, batch=64, ft_batch=32, n_eval=256, probes=64,
-                depths=(0.25, 0.5, 1.0), restore=(0.02, 0.1, 0.3, 0.5, 0.9))
+        return dict(size=dict(hidden=64, mlp=128, layers=2, heads=4, vision=32),
+                    pretrain_steps={"lm": 400, "vlm": 150}, pretrain_lr={"lm": 3e-3, "vlm": 2e-3},
+                    ft_steps={"lm": 200, "vlm": 250}, ft_lr=3e-3, batch=32, ft_batch=32,
+                    n_eval=64, probes=8, depths=(0.5, 1.0), restore=(0.1, 0.5))
+    return dict(size=dict(hidden=128, mlp=256, layers=4, heads=4, vision=64),
+                pretrain_steps={"lm": 2500, "vlm": 800}, pretrain_lr={"lm": 3e-3, "vlm": 2e-3},
+                ft_steps={"lm": 300, "vlm": 150}, ft_lr=2e-3, batch=64, ft_batch=32,
+                n_eval=256, probes=64, depths=(0.25, 0.5, 1.0), restore=(0.02, 0.1, 0.3, 0.5, 0.9))
 
 
 class Run:
@@ -59,9 +60,8 @@ class Run:
     def pretrain(self, seed: int) -> Path:
         cfg = self.cfg
         model = models.build(self.kind, cfg["size"], seed)
-        train(model, [p for p in model.parameters()], self.up, steps=cfg["pretrain_steps"][self.kind],
-              lr=cfg["pretrain_lr"][self.kind],
-              batch=cfg["batch"], seed=seed, weight_decay=0.1, log=self.log)
+        train(model, list(model.parameters()), self.up, steps=cfg["pretrain_steps"][self.kind],
+              lr=cfg["pretrain_lr"][self.kind], batch=cfg["batch"], seed=seed, weight_decay=0.1, log=self.log)
         self.base = models.save(model, self.dir / "base")
         self.score(model, "zero-shot", "pretrained", seed)
         return self.base

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from dowser_tool import DowserError
 from dowser_tool.cli import main
-from dowser_tool.merge import merge_checkpoint
+from dowser_tool.merge import DEFAULT_RESTORE, merge_checkpoint
 from dowser_tool.names import architecture_for, canonical_name, lora_target
 from dowser_tool.scoring import cut_mask, score_matrix
 from dowser_tool.sidecar import SidecarData, write_sidecar
@@ -133,7 +133,7 @@ def test_merge_exact_bits_across_shard_layouts(tmp_path, dtype):
     code, out = run_cli("--base", base, "--finetuned", ft, "--mask", mask, "--out", tmp_path / "out", "-q")
     assert code == 0, out
     assert "tensors restored" in out and "entries restored" in out
-    want = expected(state_dict(base), state_dict(ft), stats, 0.3)
+    want = expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE)
     assert_output(tmp_path / "out", want)
     # FT's layout is kept; shards without a masked tensor are byte-for-byte copies
     ft_index = json.loads((ft / "model.safetensors.index.json").read_text())["weight_map"]
@@ -145,9 +145,9 @@ def test_merge_exact_bits_across_shard_layouts(tmp_path, dtype):
         assert (tmp_path / "out" / f).read_bytes() == (ft / f).read_bytes()
     assert (tmp_path / "out" / "tokenizer_config.json").exists()
     record = json.loads((tmp_path / "out" / "dowser_repair.json").read_text())
-    assert record["restore"] == 0.3 and record["finetuned"]["kind"] == "full"
+    assert record["restore"] == DEFAULT_RESTORE and record["finetuned"]["kind"] == "full"
     assert record["tensors_restored"] == len(stats)
-    assert record["entries_restored"] == sum(round(0.3 * want[n].numel()) for n in stats)
+    assert record["entries_restored"] == sum(round(DEFAULT_RESTORE * want[n].numel()) for n in stats)
     # the output loads and computes what the hand-assembled model computes
     assert torch.equal(logits(tmp_path / "out", IDS), logits(hand_model(ft, want), IDS))
 
@@ -192,7 +192,7 @@ def test_llava_layouts(tmp_path):
     mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", rename=lambda n: canonical_name(n, arch))
     merge_checkpoint(base, ft, mask, tmp_path / "out", progress=False)
     legacy = {canonical_name(n, arch): n for n in state_dict(base)}
-    want = expected(state_dict(base), state_dict(ft), stats, 0.3, match=lambda n: legacy[n])
+    want = expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE, match=lambda n: legacy[n])
     assert_output(tmp_path / "out", want)
     assert any(n.startswith("model.language_model.layers.") for n in want)  # FT's names are kept
     from transformers import AutoModelForImageTextToText
@@ -210,7 +210,7 @@ def test_tied_embeddings(tmp_path):
     mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", extra=["model.embed_tokens.weight"],
                             rename=lambda n: "lm_head.weight" if n == "model.embed_tokens.weight" else n)
     (s,) = merge_checkpoint(base, ft, mask, tmp_path / "out", progress=False)
-    want = expected(state_dict(base), state_dict(ft), stats, 0.3)
+    want = expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE)
     assert_output(tmp_path / "out", want)
     assert s.tensors_restored == len(stats)
     assert torch.equal(logits(tmp_path / "out", IDS), logits(hand_model(ft, want), IDS))
@@ -224,7 +224,7 @@ def test_resized_vocabulary_restores_shared_rows(tmp_path, capsys):
     assert "resized vocabulary" in capsys.readouterr().err
     base_sd, ft_sd = state_dict(base), state_dict(ft)
     got = state_dict(tmp_path / "out")["lm_head.weight"]
-    protect = cut_mask(score_matrix(base_sd["lm_head.weight"], *stats["lm_head.weight"]), 0.7)
+    protect = cut_mask(score_matrix(base_sd["lm_head.weight"], *stats["lm_head.weight"]), 1 - DEFAULT_RESTORE)
     want = ft_sd["lm_head.weight"].clone()
     want[:96][protect] = base_sd["lm_head.weight"][protect]
     assert same_bits(got, want)
@@ -303,7 +303,7 @@ def test_provenance_mismatch_on_hub(hub, tmp_path):
     assert code == 1 and "probed on" in out and "--force" in out and not (tmp_path / "out").exists()
     merge_checkpoint("org/base", ft, bad, tmp_path / "forced", force=True, progress=False)
     merge_checkpoint("org/base", ft, good, tmp_path / "out", progress=False)
-    assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, 0.3))
+    assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE))
     record = json.loads((tmp_path / "out" / "dowser_repair.json").read_text())
     assert record["base"]["sha"] == sha and record["mask"]["base_model"]["sha"] == sha
 
@@ -314,7 +314,7 @@ def test_finetuned_on_hub(hub, tmp_path):
     sha = hub.add_repo("org/ft", ft, tags=["v1"])
     mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors")
     merge_checkpoint(base, "org/ft", mask, tmp_path / "out", finetuned_revision="v1", progress=False)
-    assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, 0.3))
+    assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE))
     assert json.loads((tmp_path / "out" / "dowser_repair.json").read_text())["finetuned"]["sha"] == sha
 
 

@@ -13,7 +13,7 @@ from . import user_errors
 @click.option("--mask", "mask_path", help="Mask sidecar.  [required]")
 @click.option("--out", help="Output folder.  [required]")
 @click.option("--restore", help="Fraction of each masked matrix restored from BASE, highest scores first; "
-              "a comma list writes OUT-r<F> per value [default: 0.3].")
+              "a comma list writes OUT-r<F> per value [default: 0.1].")
 @click.option("--update-ratio", help="Same as --restore 1-R.")
 @click.option("--base-revision", help="Branch, tag or commit of a Hub BASE.")
 @click.option("--finetuned-revision", help="Branch, tag or commit of a Hub FT.")

@@ -171,13 +171,17 @@ def test_probe_over_hub_reads_by_range(hub, tmp_path, llama_dir):
                and req["path"].endswith(".safetensors"))
 
 
-def test_quickstart_main_job(tmp_path, example_llava):
-    """The README's main job with default (published) settings, on the shipped example model."""
+def test_quickstart_main_job(tmp_path):
+    """The README's main job with default (published) settings, on the shipped pretrained example."""
+    import shutil
     import subprocess
     import sys
 
-    out = tmp_path / "tiny-llava.dowser.safetensors"
-    r = subprocess.run([sys.executable, "-m", "dowser_tool", "probe", str(example_llava), "--out", str(out), "-q"],
+    from .models import EXAMPLE_LLAVA
+
+    model = shutil.copytree(EXAMPLE_LLAVA.parent / "tiny-llava-shapes", tmp_path / "tiny-llava-shapes")
+    out = tmp_path / "tiny-llava-shapes.dowser.safetensors"
+    r = subprocess.run([sys.executable, "-m", "dowser_tool", "probe", str(model), "--out", str(out), "-q"],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     sc = Sidecar(out)

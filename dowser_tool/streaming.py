@@ -27,26 +27,6 @@ from .errors import DowserError
 from .names import NameMap, architecture_for, block_of, ties_embeddings
 
 
-def limit_heap_fragmentation() -> None:
-    """Stop glibc from serving layer-sized buffers from the heap.
-
-    glibc raises its mmap threshold after the first large free, after which
-    every freed layer leaves holes in the heap that small live tensors pin, and
-    resident memory creeps up with depth. A fixed threshold returns each layer's
-    buffers to the OS when it is released. No-op off glibc.
-    """
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD = 1 MiB
-    except (OSError, AttributeError):
-        pass
-
-
 class _Captured(Exception):
     """Raised by the layer-0 pre-hook to stop the forward once its inputs are known."""
 

@@ -30,13 +30,11 @@ def merge(base, finetuned, mask_path, out, restore, update_ratio, base_revision,
     from ..errors import DowserError
     from ..merge import merge_checkpoint
     from ..probe import parse_size
-    from ..streaming import limit_heap_fragmentation
 
     given = {"--base": base, "--finetuned": finetuned, "--mask": mask_path, "--out": out}
     missing = [option for option, value in given.items() if not value]
     if missing:
         raise DowserError(f"missing {', '.join(missing)} (see dowser merge --help)")
-    limit_heap_fragmentation()
     summaries = merge_checkpoint(
         base, finetuned, mask_path, out, restore=restore, update_ratio=update_ratio, base_revision=base_revision,
         finetuned_revision=finetuned_revision, shard_size=parse_size(shard_size) if shard_size else None,

@@ -44,9 +44,6 @@ def _split(value):
 def probe(model, revision, out, include, activation_budget, resume, allow_pickle, download, force, quiet, **options):
     """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
     from ..probe import ProbeSettings, parse_size, probe as run_probe
-    from ..streaming import limit_heap_fragmentation
-
-    limit_heap_fragmentation()
     budget = parse_size(activation_budget) if activation_budget else None
     settings = ProbeSettings(include=_split(include), activation_budget=budget, **options)
     summary = run_probe(model, out, revision=revision, settings=settings, force=force, resume=resume,

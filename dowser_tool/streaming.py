@@ -126,7 +126,13 @@ class BlockRunner:
             expected = tuple(self.model.get_parameter(n).shape)
             if tuple(t.shape) != expected:
                 raise DowserError(f"{self.ckpt.where}: {cn!r} has shape {list(t.shape)}, the config implies {list(expected)}")
-            out[n] = t.to(self.device, self.dtype)
+            moved = t.to(self.device, self.dtype)
+            if moved.data_ptr() == t.data_ptr():
+                # safe_open hands back tensors over the file mapping: nothing is read until the
+                # pages are touched. Copy here, in the prefetch thread, so the disk read overlaps
+                # the previous layer's compute instead of stalling the next one.
+                moved = moved.clone()
+            out[n] = moved
         return out
 
     def _load_stem(self) -> None:

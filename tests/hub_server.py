@@ -50,6 +50,7 @@ class HubServer:
         self.repos: dict[str, Repo] = {}
         self.log = Log()
         self.redirect_files_to: str | None = None  # another server's URL: answer /resolve/ with a 302 there
+        self.bytes_per_second: float | None = None  # throttle bodies, to stand in for a real network
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -168,7 +169,14 @@ class HubServer:
         self.log.add(method="HEAD" if head else "GET", path=path, status=status, bytes=sent, auth=auth,
                      range=h.headers.get("Range"))
         h.end_headers()
-        if sent:
+        if sent and self.bytes_per_second:
+            import time
+
+            for i in range(0, sent, 1 << 20):
+                chunk = body[i : i + (1 << 20)]
+                h.wfile.write(chunk)
+                time.sleep(len(chunk) / self.bytes_per_second)
+        elif sent:
             h.wfile.write(body)
 
 

@@ -34,7 +34,7 @@ from .names import scored_names
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
 from .sidecar import PackedMask, SidecarData, default_sidecar_name, write_sidecar
-from .streaming import BlockRunner
+from .streaming import BlockRunner, trim_heap
 
 METHODS = ("dowser", "magnitude", "wanda", "random")
 ESTIMATORS = ("reference", "hutchinson")
@@ -564,6 +564,8 @@ class ProbeRun:
             else:
                 score = score_matrix(W, psi[n], a[n], w)
             masks[ckpt_name] = PackedMask.of(cut_mask(score, s.update_ratio))
+            del W, score
+            trim_heap()
         self.timings["mask_s"] = time.perf_counter() - t0
         keep_stats = s.save_stats and bool(psi)
         ckpt_psi = {runner.checkpoint_name(n): v for n, v in psi.items()} if keep_stats else {}

@@ -37,6 +37,7 @@ from .names import NameMap, architecture_for, canonical_name, ties_embeddings
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, StreamingWriter, itemsize
 from .sidecar import Sidecar
+from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
 # restoring 10% on the LM (H 0.47; 30% fell below the unrepaired model), and no worse than unrepaired
@@ -382,6 +383,8 @@ class Merge:
                         for name in names:
                             item, data, entries = next(values)
                             writer.write(name, data)
+                            del data
+                            trim_heap()  # freed tensors' pages back to the OS: memory stays a few tensors
                             restored_tensors += bool(item.mask_names)
                             restored_entries += entries
                             bar.update(item.nbytes)

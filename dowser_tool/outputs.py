@@ -38,15 +38,16 @@ def check_destination(dest: str | os.PathLike, force: bool, inputs=()) -> Path:
     return dest
 
 
+def sigterm_as_interrupt(signum, frame):
+    """A SIGTERM handler that raises KeyboardInterrupt, so `finally` blocks clean up temporaries."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks clean up temporaries."""
-
-    def handler(signum, frame):
-        raise KeyboardInterrupt(f"signal {signum}")
-
+    """SIGTERM raises KeyboardInterrupt inside the block (library callers; the CLI sets it for the whole run)."""
     try:
-        previous = signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, sigterm_as_interrupt)
     except ValueError:  # not the main thread
         yield
         return

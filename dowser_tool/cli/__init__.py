@@ -10,10 +10,7 @@ import click
 
 from .. import __version__
 from ..errors import DowserError
-
-
-def _sigterm_as_interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
+from ..outputs import sigterm_as_interrupt
 
 
 def user_errors(fn):
@@ -26,7 +23,7 @@ def user_errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
+            signal.signal(signal.SIGTERM, sigterm_as_interrupt)
         except ValueError:  # not in the main thread (e.g. embedded): leave signals alone
             pass
         try:

@@ -50,14 +50,14 @@ def probe(model, revision, out, include, activation_budget, resume, allow_pickle
                         allow_pickle=allow_pickle, download=download, progress=not quiet)
     if summary["rank"] != 0:
         return
-    passes = f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"
-    generate_s = summary["timings"].get("generate_s")
-    if generate_s:
-        passes += f", {generate_s / summary['seconds']:.0%} of the time generating probes"
+    notes = [f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"]
+    if summary["spilled"]:
+        notes.append("activations spilled to disk")
+    if summary["timings"].get("generate_s"):
+        notes.append(f"{summary['timings']['generate_s'] / summary['seconds']:.0%} of the time generating probes")
     click.echo(
         f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
-        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s "
-        f"({passes}{', activations spilled to disk' if summary['spilled'] else ''})"
+        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s ({', '.join(notes)})"
     )
 
 

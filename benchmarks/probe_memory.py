@@ -14,21 +14,9 @@ import json
 import tempfile
 from pathlib import Path
 
-import torch
 
 from .measure import run_measured
-
-
-def build(folder: Path, layers: int, hidden: int) -> int:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=hidden, intermediate_size=int(hidden * 8 / 3) // 32 * 32,
-                      num_hidden_layers=layers, num_attention_heads=8, num_key_value_heads=8,
-                      max_position_embeddings=512, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg)
-    model.save_pretrained(folder, max_shard_size="50MB")
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+from .probe_scale import build
 
 
 def probe_peak_rss(folder: Path, out: Path, probes: int, probe_len: int) -> tuple[int, float]:
@@ -50,7 +38,7 @@ def main(argv=None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for depth in depths:
             folder = Path(tmp) / f"llama-{depth}"
-            weights = build(folder, depth, args.hidden)
+            weights = build(folder, depth, args.hidden, vocab=256)  # bytes of the checkpoint's tensors
             peak, wall = probe_peak_rss(folder, Path(tmp) / f"{depth}.dowser.safetensors", args.probes, args.probe_len)
             row = {"figure": "probe_peak_rss", "layers": depth, "hidden": args.hidden, "weights_bytes": weights,
                    "peak_rss_bytes": peak, "wall_s": round(wall, 2)}

@@ -330,6 +330,11 @@ class ProbeRun:
         self.scored = scored_names(self.runner.names, self.layers, settings.include, self.runner.is_linear)
         if not self.scored:
             raise DowserError(f"{ckpt.where}: nothing to score with --layers {settings.layers} --include {settings.include}")
+        # Where each scored weight sits, computed once for every pass.
+        prefix = self.runner.arch.layers
+        self.by_layer = {i: [n for n in self.scored if n.startswith(f"{prefix}.{i}.")] for i in range(n_layers)}
+        self.stem_scored = [n for n in self.scored if self.runner.block_of(n) in ("vision", "projector")]
+        self.out_features = {n: self.runner.model.get_parameter(n).shape[0] for n in self.scored}
         self.tokens: torch.Tensor | None = None
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
@@ -427,10 +432,8 @@ class ProbeRun:
         """One streamed pass (forward, head, backward, stem) over a group of probe batches."""
         s, runner = self.s, self.runner
         n_layers = len(runner.layers)
-        by_layer = {i: [n for n in self.scored if n.startswith(f"{runner.arch.layers}.{i}.")] for i in range(n_layers)}
-        stem_scored = [n for n in self.scored if runner.block_of(n) in ("vision", "projector")]
+        by_layer, stem_scored, out_features = self.by_layer, self.stem_scored, self.out_features
         rec.unit_activation = {n for n in stem_scored if runner.block_of(n) == "projector"}
-        out_features = {n: runner.model.get_parameter(n).shape[0] for n in self.scored}
         needs_grad = s.method == "dowser"
         store = ActivationStore(spill=self.spill)
         try:

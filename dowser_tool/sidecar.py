@@ -219,13 +219,13 @@ def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, t
     if not sidecar.has_stats:
         raise DowserError(f"{sidecar.path}: cannot re-cut at update ratio {update_ratio}: no statistics saved")
     ckpt = open_base(sidecar, base)
-    from .names import NameMap, architecture_for, ties_embeddings
+    from .names import NameMap, architecture_for, canonical_name, ties_embeddings
 
     arch = architecture_for(ckpt.config or {}, f"{ckpt.where}/config.json")
     nm = NameMap(ckpt.tensor_names(), arch, ties_embeddings(ckpt.config or {}, arch), ckpt.where)
     out = {}
     for name in sidecar.names:
-        ckpt_name = nm.to_checkpoint(_canonical(name, arch))
+        ckpt_name = nm.to_checkpoint(canonical_name(name, arch))
         out[name] = sidecar.recut(name, ckpt.read(ckpt_name), update_ratio)
     return out
 
@@ -240,12 +240,6 @@ def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = Fa
     data.masks = load_mask(sidecar, update_ratio, base)
     data.info["update_ratio"] = validate_ratio(update_ratio)
     return write_sidecar(dest, data)
-
-
-def _canonical(name: str, arch) -> str:
-    from .names import canonical_name
-
-    return canonical_name(name, arch)
 
 
 def open_base(sidecar: Sidecar, base=None):

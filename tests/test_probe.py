@@ -9,6 +9,8 @@ from dowser_tool.cli import main
 from dowser_tool.probe import ProbeRun, ProbeSettings, parse_layers
 from dowser_tool.scoring import score_matrix, trainable_count
 
+from benchmarks.reference_probe import load_model
+
 from .oracle import reference_statistics
 
 
@@ -18,14 +20,6 @@ def probe_file(tmp_path, k=6, t=9, vocab=90, seed=0):
     p = tmp_path / "probes.jsonl"
     p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return p, torch.tensor(rows)
-
-
-def load_full(folder):
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
-
-    cfg = AutoConfig.from_pretrained(folder)
-    auto = AutoModelForImageTextToText if cfg.model_type == "llava" else AutoModelForCausalLM
-    return auto.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").eval()
 
 
 def assert_close_rel(got, want, rtol=1e-5):
@@ -42,7 +36,7 @@ def test_streamed_statistics_equal_in_memory_oracle(kind, estimator, tmp_path, l
                              resident="never")
     run = ProbeRun(open_checkpoint(folder), settings, progress=False)
     rec = run.collect()
-    want, w = reference_statistics(load_full(folder), run.scored, tokens, 4, 3, 0, estimator)
+    want, w = reference_statistics(load_model(folder), run.scored, tokens, 4, 3, 0, estimator)
     assert torch.equal(torch.tensor(run.update_weights), w)  # batches of 4 and 2, weighted by size
     assert len(run.scored) == 2 * 7 + 1
     ckpt = open_checkpoint(folder)
@@ -65,7 +59,7 @@ def test_streamed_image_probe_with_vision_and_projector_equals_oracle(tmp_path, 
     assert any(".vision_tower." in n for n in run.scored) and any("projector" in n for n in run.scored)
     pixels, token, n_img = image_probe(run.ckpt, run.ckpt.config, 4, 0)
     projector = {n for n in run.scored if "multi_modal_projector" in n}
-    want, _ = reference_statistics(load_full(llava_dir), run.scored, tokens, 2, 2, 0, pixel_values=pixels,
+    want, _ = reference_statistics(load_model(llava_dir), run.scored, tokens, 2, 2, 0, pixel_values=pixels,
                                    image_token=token, n_image_tokens=n_img, unit_activation=projector)
     for n in run.scored:
         assert_close_rel(torch.stack(rec.psi[n]), want[n][0])
@@ -199,7 +193,7 @@ def test_other_decoder_families_stream_like_the_oracle(tmp_path, model_type):
     pf, tokens = probe_file(tmp_path, k=4, t=7)
     run = ProbeRun(open_checkpoint(folder), ProbeSettings(probe_file=str(pf), batch_size=2, draws=2), progress=False)
     rec = run.collect()
-    want, _ = reference_statistics(load_full(folder), run.scored, tokens, 2, 2, 0)
+    want, _ = reference_statistics(load_model(folder), run.scored, tokens, 2, 2, 0)
     assert len(run.scored) == 14
     for n in run.scored:
         assert_close_rel(torch.stack(rec.psi[n]), want[n][0])

@@ -25,20 +25,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 from tqdm.auto import tqdm
 
+from .anatomy import Weight
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import DowserError
-from .names import scored_names
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
 from .sidecar import PackedMask, SidecarData, default_sidecar_name, write_sidecar
+from .statistics import StatsRecorder
 from .streaming import BlockRunner, trim_heap
 
 METHODS = ("dowser", "magnitude", "wanda", "random")
 ESTIMATORS = ("reference", "hutchinson")
-INCLUDES = ("lm_head", "projector", "vision")
+INCLUDES = ("lm_head", "projector", "vision", "router")
 
 
 @dataclass
@@ -257,66 +257,12 @@ class ResumeState:
         self.path.unlink(missing_ok=True)
 
 
-class StatsRecorder:
-    """Forward hooks on scored linears that turn inputs and output gradients into psi and a."""
-
-    def __init__(self, estimator: str, method: str):
-        self.estimator, self.method = estimator, method
-        self.psi: dict[str, list[torch.Tensor]] = {}
-        self.a: dict[str, list[torch.Tensor]] = {}
-        self._draws: dict[str, list[torch.Tensor]] = {}
-        self._act: dict[str, torch.Tensor] = {}
-        self.unit_activation: set[str] = set()  # boundary rule: projector layers use a = 1
-
-    def attach(self, modules: dict[str, nn.Linear]) -> list:
-        handles = []
-        for name, module in modules.items():
-            handles.append(module.register_forward_hook(self._forward_hook(name)))
-        return handles
-
-    def _forward_hook(self, name: str):
-        def hook(module, inputs, output):
-            h = inputs[0].detach().float()
-            dims = tuple(range(h.dim() - 1))
-            if self.method == "wanda":
-                self._act[name] = h.pow(2).mean(dims).sqrt()
-            else:
-                self._act[name] = h.abs().mean(dims)
-            if output.requires_grad:
-                output.register_hook(self._grad_hook(name))
-
-        return hook
-
-    def _grad_hook(self, name: str):
-        def hook(g):
-            g = g.detach().float()
-            dims = tuple(range(g.dim() - 1))
-            per_draw = g.pow(2).mean(dims) if self.estimator == "hutchinson" else g.abs().mean(dims)
-            self._draws.setdefault(name, []).append(per_draw)
-
-        return hook
-
-    def finish_update(self, names, out_features: dict[str, int]) -> None:
-        """Close one update (probe batch): average the draws, store psi_u and a_u."""
-        for name in names:
-            draws = self._draws.pop(name, None)
-            if self.method == "wanda":
-                psi = torch.ones(out_features[name])
-            elif draws is None:  # no gradient reached it (e.g. vision layers after the feature layer)
-                psi = torch.zeros(out_features[name])
-            else:
-                psi = torch.stack(draws).mean(0)
-                if self.estimator == "hutchinson":
-                    psi = psi.sqrt()
-            a = self._act.pop(name)
-            if name in self.unit_activation:
-                a = torch.ones_like(a)
-            self.psi.setdefault(name, []).append(psi.cpu())
-            self.a.setdefault(name, []).append(a.cpu())
-
-
 class ProbeRun:
-    """One probe of one checkpoint (kept as an object so tests can reach the statistics)."""
+    """One probe of one checkpoint (kept as an object so tests can reach the statistics).
+
+    `weights` lists what is scored (anatomy.Weight, by checkpoint key); `unscored` says
+    which candidate tensors are left out and why.
+    """
 
     def __init__(self, ckpt: Checkpoint, settings: ProbeSettings, progress: bool = True):
         settings.validate()
@@ -325,16 +271,22 @@ class ProbeRun:
         weights_bytes = sum(math.prod(ckpt.shape(n)) * 4 for n in ckpt.tensor_names())
         resident = {"always": True, "never": False}.get(settings.resident, weights_bytes < (1 << 30))
         self.runner = BlockRunner(ckpt, self.device, self.dtype, resident=resident)
+        self.anatomy = self.runner.anatomy
         n_layers = len(self.runner.layers)
         self.layers = parse_layers(settings.layers, n_layers)
-        self.scored = scored_names(self.runner.names, self.layers, settings.include, self.runner.is_linear)
-        if not self.scored:
+        self.unscored: dict[str, str] = {}
+        self.by_layer = {i: self._decoder_weights(i) if i in self.layers else [] for i in range(n_layers)}
+        self.head_weights = [self.anatomy.head_weight()] if "lm_head" in settings.include else []
+        if self.head_weights == [None]:
+            raise DowserError(f"{ckpt.where}: --include lm_head, but the model has no output head")
+        self.stem_weights = [w for part in ("projector", "vision") if part in settings.include
+                             for w in self.anatomy.stem_weights(part)]
+        self.images = None
+        self.weights: list[Weight] = [w for i in range(n_layers) for w in self.by_layer[i]]
+        self.weights += self.head_weights + self.stem_weights
+        if not self.weights:
             raise DowserError(f"{ckpt.where}: nothing to score with --layers {settings.layers} --include {settings.include}")
-        # Where each scored weight sits, computed once for every pass.
-        prefix = self.runner.arch.layers
-        self.by_layer = {i: [n for n in self.scored if n.startswith(f"{prefix}.{i}.")] for i in range(n_layers)}
-        self.stem_scored = [n for n in self.scored if self.runner.block_of(n) in ("vision", "projector")]
-        self.out_features = {n: self.runner.model.get_parameter(n).shape[0] for n in self.scored}
+        self.sizes = {w.key: _out_in(w, self.anatomy.shapes[w.key]) for w in self.weights}
         self.tokens: torch.Tensor | None = None
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
@@ -342,6 +294,17 @@ class ProbeRun:
         self.spill = False
         self.passes = 0
         self.rank, self.world = distributed_rank_world()
+
+    def _decoder_weights(self, i: int) -> list[Weight]:
+        out = []
+        for w in self.anatomy.decoder_weights(i):
+            if w.kind == "router" and "router" not in self.s.include:
+                self.unscored[w.key] = "router (scored with --include router)"
+                continue
+            out.append(w)
+        for key in self.anatomy.unscorable(i):
+            self.unscored[key] = "fused 3-D expert tensor on disk: its per-expert activations cannot be recorded"
+        return out
 
     def _bar(self, total, desc):
         return tqdm(total=total, desc=desc, unit="step", disable=not self.progress, leave=False)
@@ -377,20 +340,20 @@ class ProbeRun:
 
     def _inputs(self, rows: slice) -> dict:
         ids = self.tokens[rows]
-        inputs = {"use_cache": False}
         if self.s.images:
-            pixels, token, n = self.images
-            ids = torch.cat([torch.full((ids.shape[0], n), token, dtype=ids.dtype), ids], dim=1)
-            inputs["pixel_values"] = pixels[rows].to(self.device, self.dtype)
-        inputs["input_ids"] = ids.to(self.device)
-        return inputs
+            inputs = self.images.inputs(rows, ids)
+        else:
+            inputs = {"input_ids": ids}
+        inputs["use_cache"] = False
+        return {k: (v.to(self.device, self.dtype) if torch.is_tensor(v) and v.is_floating_point()
+                    else v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
 
     # ---- the statistics ------------------------------------------------
     def collect(self, state: "ResumeState | None" = None) -> StatsRecorder:
         """Statistics for every probe batch, in passes of as many batches as the activation
         budget holds; after each pass the statistics so far go to `state` (for --resume)."""
-        s, runner = self.s, self.runner
-        rec = StatsRecorder(s.estimator, s.method)
+        s = self.s
+        rec = self._recorder()
         done = 0
         if state is not None and state.exists():
             self.tokens, rec.psi, rec.a, done = state.load()
@@ -399,7 +362,8 @@ class ProbeRun:
             if state is not None:
                 state.save(self.tokens, rec.psi, rec.a, 0)
         if s.images:
-            self.images = image_probe(self.ckpt, self.ckpt.config, self.tokens.shape[0], s.seed)
+            self.images = image_probe(self.ckpt, self.tokens.shape[0], s.seed)
+        self._drop_unreachable()
         batches = self.batches()
         self.update_weights = [float(r.stop - r.start) for _, r in batches]
         per_pass = self.batches_per_pass()
@@ -418,12 +382,53 @@ class ProbeRun:
             self._gather(rec, batches)
         return rec
 
+    def _recorder(self) -> StatsRecorder:
+        rec = StatsRecorder(self.s.estimator, self.s.method)
+        rec.sizes = self.sizes
+        rec.unit_activation = {w.key for w in self.stem_weights if w.part == "projector"}
+        return rec
+
+    def _drop_unreachable(self) -> None:
+        """Vision and projector weights whose output cannot reach the decoder (layers after the
+        selected feature layer, unused heads) are not scored: one stem forward and backward."""
+        if not self.stem_weights:
+            return
+        inputs = self._inputs(slice(0, 1))
+        outputs: dict[str, torch.Tensor] = {}
+        modules = {w.module for w in self.stem_weights}
+        hooks = [self.runner.model.get_submodule(m).register_forward_hook(
+            lambda mod, inp, out, m=m: outputs.__setitem__(m, out)) for m in modules]
+        pixels = [v for v in inputs.values() if torch.is_tensor(v) and v.is_floating_point()]
+        try:
+            with torch.enable_grad():
+                for v in pixels:
+                    v.requires_grad_(True)
+                cap = self.runner.capture(grad=True, **inputs)
+                ends = [cap.hidden] + [c.delta for c in cap.calls if c is not None and c.delta is not None]
+                ends = [e for e in ends if e.requires_grad]
+                names = [m for m in modules if m in outputs and outputs[m].requires_grad]
+                grads = torch.autograd.grad(sum(e.float().sum() for e in ends), [outputs[m] for m in names],
+                                            allow_unused=True) if ends and names else []
+        finally:
+            for h in hooks:
+                h.remove()
+        reached = {m for m, g in zip(names, grads) if g is not None}
+        kept = []
+        for w in self.stem_weights:
+            if w.module in reached:
+                kept.append(w)
+            else:
+                self.unscored[w.key] = "cannot influence the output (after the selected vision feature layer, or unused)"
+        dropped = {w.key for w in self.stem_weights} - {w.key for w in kept}
+        self.stem_weights = kept
+        self.weights = [w for w in self.weights if w.key not in dropped]
+
     def batches_per_pass(self) -> int:
         """How many probe batches' layer inputs fit the activation budget at once (at least 1)."""
-        cfg = self.runner.model.config.get_text_config()
         k, t = self.tokens.shape
-        t += self.images[2] if self.s.images else 0
-        per_batch = (len(self.runner.layers) + 1) * self.s.batch_size * t * cfg.hidden_size
+        t += self.images.extra_tokens if self.images is not None else 0
+        hidden = self.anatomy.text_config.hidden_size
+        per_batch = (len(self.runner.layers) + 1) * self.s.batch_size * t * hidden
         per_batch *= torch.empty((), dtype=self.dtype).element_size()
         self.spill = per_batch > self.activation_budget
         return max(1, min(math.ceil(k / self.s.batch_size), self.activation_budget // max(per_batch, 1)))
@@ -432,12 +437,11 @@ class ProbeRun:
         """One streamed pass (forward, head, backward, stem) over a group of probe batches."""
         s, runner = self.s, self.runner
         n_layers = len(runner.layers)
-        by_layer, stem_scored, out_features = self.by_layer, self.stem_scored, self.out_features
-        rec.unit_activation = {n for n in stem_scored if runner.block_of(n) == "projector"}
+        by_layer = self.by_layer
         needs_grad = s.method == "dowser"
         store = ActivationStore(spill=self.spill)
         try:
-            # 1. layer-0 inputs (embedding stage; vision tower for images)
+            # 1. what every layer is called with (embedding stage; vision tower for images)
             with torch.no_grad():
                 captured = {b: runner.capture(**self._inputs(rows)) for b, rows in batches}
             for b, _ in batches:
@@ -445,18 +449,18 @@ class ProbeRun:
                 captured[b].hidden = None
 
             # 2. forward: each layer once for the whole group; keep every layer's input
-            last = n_layers if needs_grad or "lm_head" in s.include else max(self.layers) + 1
+            last = n_layers if needs_grad or self.head_weights else max(self.layers) + 1
             with torch.no_grad(), self._bar(last, "forward") as bar:
                 for i, layer in runner.stream(range(last)):
-                    handles = [] if needs_grad else rec.attach(self._modules(by_layer[i]))
+                    handles = [] if needs_grad else rec.attach(by_layer[i], runner.model)
                     for b, _ in batches:
-                        store.put(b, i + 1, captured[b].call(layer, store.get(b, i)))
+                        store.put(b, i + 1, captured[b].call(i, layer, store.get(b, i), runner.tuple_out))
                         if not needs_grad:
-                            rec.finish_update(by_layer[i], out_features)
+                            rec.finish_update(by_layer[i])
                     for h in handles:
                         h.remove()
                     bar.update(1)
-            self._head_stats(rec, store, batches, out_features)
+            self._head_stats(rec, store, batches)
             if not needs_grad:  # wanda: forward statistics only
                 return
 
@@ -474,41 +478,57 @@ class ProbeRun:
                     ]
                 store.drop(b, n_layers)
 
-            # 4. backward, layer by layer in reverse; one recomputed forward per batch serves all M draws
-            lowest = 0 if stem_scored else min(self.layers)
+            # 4. backward, layer by layer in reverse; one recomputed forward per batch serves all M draws.
+            # A term the model adds after layer i (deepstack) gets the gradient at layer i+1's input.
+            term_grads = {b: {} for b, _ in batches}
+            lowest = 0 if self.stem_weights else min(self.layers)
             with self._bar(n_layers - lowest, "backward") as bar:
                 for i, layer in runner.stream(reversed(range(lowest, n_layers))):
-                    handles = rec.attach(self._modules(by_layer[i]))
+                    handles = rec.attach(by_layer[i], runner.model)
                     with torch.enable_grad():
                         for b, _ in batches:
-                            x = store.get(b, i).requires_grad_(True)
-                            y = captured[b].call(layer, x)
-                            grads[b] = [
-                                torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
-                                for d in range(s.draws)
-                            ]
+                            call = captured[b].calls[i]
+                            if call is not None and call.delta is not None and self.stem_weights:
+                                term_grads[b][i] = grads[b]
+                            if call is not None:
+                                x = store.get(b, i).requires_grad_(True)
+                                y = captured[b].call(i, layer, x, runner.tuple_out)
+                                grads[b] = [
+                                    torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
+                                    for d in range(s.draws)
+                                ]
                             if by_layer[i]:
-                                rec.finish_update(by_layer[i], out_features)
+                                rec.finish_update(by_layer[i])
                             store.drop(b, i)
                     for h in handles:
                         h.remove()
                     bar.update(1)
 
-            # 5. the stem (vision tower, projector), recomputed with gradients from the pixels
-            if stem_scored:
-                handles = rec.attach(self._modules(stem_scored))
-                for b, rows in batches:
-                    inputs = self._inputs(rows)
-                    pixels = inputs["pixel_values"].requires_grad_(True)
-                    with torch.enable_grad():
-                        h0 = runner.capture(**inputs).hidden
-                        for d in range(s.draws):
-                            torch.autograd.grad(h0, pixels, grads[b][d], retain_graph=d < s.draws - 1)
-                    rec.finish_update(stem_scored, out_features)
-                for h in handles:
-                    h.remove()
+            # 5. the stem (vision tower, projector), recomputed with gradients into the pixels
+            if self.stem_weights:
+                self._stem_stats(rec, batches, grads, term_grads)
         finally:
             store.close()
+
+    def _stem_stats(self, rec: StatsRecorder, batches, grads, term_grads) -> None:
+        s, runner = self.s, self.runner
+        handles = rec.attach(self.stem_weights, runner.model)
+        try:
+            for b, rows in batches:
+                inputs = self._inputs(rows)
+                leaves = [v.requires_grad_(True) for v in inputs.values() if torch.is_tensor(v) and v.is_floating_point()]
+                with torch.enable_grad():
+                    cap = runner.capture(grad=True, **inputs)
+                    ends = [(cap.hidden, grads[b])] + [
+                        (cap.calls[i].delta, g) for i, g in term_grads[b].items() if cap.calls[i].delta is not None]
+                    ends = [(e, g) for e, g in ends if e.requires_grad]
+                    for d in range(s.draws):
+                        torch.autograd.grad([e for e, _ in ends], leaves, [g[d] for _, g in ends],
+                                            retain_graph=d < s.draws - 1, allow_unused=True)
+                rec.finish_update(self.stem_weights)
+        finally:
+            for h in handles:
+                h.remove()
 
     def _gather(self, rec: StatsRecorder, batches) -> None:
         """Each rank holds its own batches' updates; sum zero-padded (U, n) tables across ranks
@@ -516,67 +536,69 @@ class ProbeRun:
         import torch.distributed as dist
 
         mine = [b for b, _ in batches if b % self.world == self.rank]
-        for n in self.scored:
-            out_f, in_f = self.runner.model.get_parameter(n).shape
+        for w in self.weights:
+            out_f, in_f = self.sizes[w.key]
             for table, width in ((rec.psi, out_f), (rec.a, in_f)):
-                rows = table.get(n, [])
+                rows = table.get(w.key, [])
                 full = torch.zeros(len(batches), width)
                 for b, row in zip(mine, rows):
                     full[b] = row
                 dist.all_reduce(full)
-                table[n] = list(full)
+                table[w.key] = list(full)
 
-    def _head_stats(self, rec, store, batches, out_features):
-        """lm_head: psi = 1 (the output boundary), a = mean |final_norm(h)| over all tokens."""
-        head_w = f"{self.runner.arch.head}.weight"
-        if head_w not in self.scored:
+    def _head_stats(self, rec: StatsRecorder, store, batches) -> None:
+        """lm_head: psi = 1 (the output boundary), a = mean |its input| over all tokens, from
+        the model's own post-decoder computation."""
+        if not self.head_weights:
             return
-        with torch.no_grad():
-            for b, _ in batches:
-                h = self.runner.final_norm(store.get(b, len(self.runner.layers))).float()
-                dims = tuple(range(h.dim() - 1))
-                a = h.pow(2).mean(dims).sqrt() if self.s.method == "wanda" else h.abs().mean(dims)
-                rec.psi.setdefault(head_w, []).append(torch.ones(out_features[head_w]))
-                rec.a.setdefault(head_w, []).append(a.cpu())
-
-    def _modules(self, names) -> dict[str, nn.Linear]:
-        return {n: self.runner.model.get_submodule(n.rpartition(".")[0]) for n in names}
+        w = self.head_weights[0]
+        head = self.runner.model.get_submodule(w.module)
+        for b, _ in batches:
+            seen = {}
+            handle = head.register_forward_hook(lambda m, inp, out: seen.__setitem__("h", inp[0]))
+            try:
+                with torch.no_grad():
+                    self.runner.head_logits(store.get(b, len(self.runner.layers)), all_positions=True)
+            finally:
+                handle.remove()
+            h = seen["h"].float()
+            dims = tuple(range(h.dim() - 1))
+            a = h.pow(2).mean(dims).sqrt() if self.s.method == "wanda" else h.abs().mean(dims)
+            rec.psi.setdefault(w.key, []).append(torch.ones(self.sizes[w.key][0]))
+            rec.a.setdefault(w.key, []).append(a.cpu())
 
     # ---- masks and the sidecar ----------------------------------------
     def run(self, state: "ResumeState | None" = None) -> SidecarData:
-        s, runner = self.s, self.runner
+        s = self.s
         psi, a, w = {}, {}, None
         if s.method in ("dowser", "wanda"):
             rec = self.collect(state)
             w = torch.tensor(self.update_weights)
-            psi = {n: torch.stack(rec.psi[n]) for n in self.scored}
-            a = {n: torch.stack(rec.a[n]) for n in self.scored}
+            psi = {x.key: torch.stack(rec.psi[x.key]) for x in self.weights}
+            a = {x.key: torch.stack(rec.a[x.key]) for x in self.weights}
         elif s.method == "magnitude":
             w = torch.ones(1)
-            for n in self.scored:
-                out_f, in_f = runner.model.get_parameter(n).shape
-                psi[n], a[n] = torch.ones(1, out_f), torch.ones(1, in_f)
+            for x in self.weights:
+                out_f, in_f = self.sizes[x.key]
+                psi[x.key], a[x.key] = torch.ones(1, out_f), torch.ones(1, in_f)
         masks = {}
         t0 = time.perf_counter()
-        for idx, n in enumerate(tqdm(self.scored, desc="cutting masks", disable=not self.progress, leave=False)):
-            ckpt_name = runner.checkpoint_name(n)
-            W = self.ckpt.read(ckpt_name)
+        for idx, x in enumerate(tqdm(self.weights, desc="cutting masks", disable=not self.progress, leave=False)):
+            W = self.ckpt.read(x.key)
             if s.method == "random":
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + idx)
                 score = torch.rand(W.shape, generator=gen)
             else:
-                score = score_matrix(W, psi[n], a[n], w)
-            masks[ckpt_name] = PackedMask.of(cut_mask(score, s.update_ratio))
+                score = score_matrix(W, psi[x.key], a[x.key], w, transposed=x.transposed)
+            masks[x.key] = PackedMask.of(cut_mask(score, s.update_ratio))
             del W, score
             trim_heap()
         self.timings["mask_s"] = time.perf_counter() - t0
         keep_stats = s.save_stats and bool(psi)
-        ckpt_psi = {runner.checkpoint_name(n): v for n, v in psi.items()} if keep_stats else {}
-        ckpt_a = {runner.checkpoint_name(n): v for n, v in a.items()} if keep_stats else {}
         return SidecarData(
             masks=masks,
-            psi=ckpt_psi,
-            a=ckpt_a,
+            psi=psi if keep_stats else {},
+            a=a if keep_stats else {},
             update_weights=w if keep_stats else None,
             probe_tokens=self.tokens,
             info=self.info(),
@@ -588,13 +610,17 @@ class ProbeRun:
         base_id = str(Path(self.ckpt.source).resolve()) if not self.ckpt.is_remote and self.ckpt.sha is None else self.ckpt.source
         return {
             "base_model": {"id": base_id, "revision": self.ckpt.revision, "sha": self.ckpt.sha},
-            "architecture": self.ckpt.config.get("model_type"),
+            "architecture": (self.ckpt.config or {}).get("model_type"),
             "method": s.method,
             "estimator": s.estimator if s.method == "dowser" else None,
             "update_ratio": s.update_ratio,
             "granularity": "entry",
             "layers": self.layers,
             "include": sorted(s.include),
+            "kinds": {x.key: x.kind for x in self.weights},
+            "transposed": sorted(x.key for x in self.weights if x.transposed),
+            "roles": {x.key: "output_head" for x in self.head_weights},
+            "unscored": dict(sorted(self.unscored.items())),
             "probe": {
                 "count": None if self.tokens is None else int(self.tokens.shape[0]),
                 "length": None if self.tokens is None else int(self.tokens.shape[1]),
@@ -607,6 +633,11 @@ class ProbeRun:
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
             },
         }
+
+
+def _out_in(w: Weight, shape) -> tuple[int, int]:
+    """(out features, in features) of a scored weight from its stored shape."""
+    return (shape[1], shape[0]) if w.transposed else (shape[0], shape[1])
 
 
 def init_distributed(device: str) -> None:

@@ -22,9 +22,6 @@ import torch
 
 from .errors import DowserError
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
 
 @dataclass(frozen=True)
 class Sampling:
@@ -95,26 +92,28 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, sampling: Sampling,
 @torch.no_grad()
 def generate_text_probes(runner, count: int, length: int, seed: int, sampling: Sampling = Sampling(),
                          progress=None) -> torch.Tensor:
-    """(count, length) token ids: random prefixes continued by the model, streamed layer by layer."""
+    """(count, length) token ids: random prefixes continued by the model, streamed layer by layer.
+
+    One token per step for every row (rows still inside their random prefix are fed their
+    next prefix token), with a KV cache (transformers' DynamicCache) kept across steps.
+    """
     from transformers import DynamicCache
 
-    from .names import text_config
-
-    config = runner.ckpt.config
-    text_cfg = text_config(config, runner.arch)
-    vocab = int(text_cfg.get("vocab_size") or config.get("vocab_size"))
+    config = runner.ckpt.config or {}
+    text_cfg = runner.anatomy.text_config.to_dict()
+    vocab = int(text_cfg["vocab_size"])
     bos, special = special_token_ids(runner.ckpt, text_cfg, config)
     gen = torch.Generator().manual_seed(seed)
     prefixes = random_prefixes(count, vocab, bos, special, sampling, gen)
     tokens = torch.full((count, length), bos, dtype=torch.long)
     for r, p in enumerate(prefixes):
         tokens[r, : min(len(p), length)] = torch.tensor(p[:length])
-    cache = DynamicCache(config=runner.model.config.get_text_config())
+    cache = DynamicCache(config=runner.anatomy.text_config)
     for t in range(length - 1):
         step = runner.capture(input_ids=tokens[:, t : t + 1].to(runner.device), cache=cache, use_cache=True)
         h = step.hidden
-        for _, layer in runner.stream(range(len(runner.layers))):
-            h = step.call(layer, h)
+        for i, layer in runner.stream(range(len(runner.layers))):
+            h = step.call(i, layer, h, runner.tuple_out)
         sampled = sample_next(runner.head_logits(h), tokens[:, : t + 1], sampling, gen)
         for r, p in enumerate(prefixes):
             if t + 1 >= len(p):  # past its prefix: the model's own continuation
@@ -164,20 +163,102 @@ def load_probe_file(path: str | Path) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def image_probe(ckpt, config: dict, count: int, seed: int) -> tuple[torch.Tensor, int, int]:
-    """(pixel values (count, 3, H, W), image token id, tokens per image) for noise images."""
-    vision = config.get("vision_config") or {}
-    size = vision.get("image_size")
-    patch = vision.get("patch_size")
-    token = config.get("image_token_index", config.get("image_token_id"))
-    if not (size and patch and isinstance(token, int)):
-        raise DowserError(f"{ckpt.where}: --images needs a LLaVA-style vision_config (image_size, patch_size, image token)")
-    mean, std = CLIP_MEAN, CLIP_STD
-    if "preprocessor_config.json" in ckpt.files():
-        pre = json.loads(ckpt.read_text("preprocessor_config.json"))
-        mean, std = tuple(pre.get("image_mean", mean)), tuple(pre.get("image_std", std))
-    gen = torch.Generator().manual_seed(seed + 1)
-    raw = torch.randn(count, 3, size, size, generator=gen) * 0.25 + 0.5
-    pixels = (raw - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
-    n_tokens = (size // patch) ** 2 + (1 if config.get("vision_feature_select_strategy") == "full" else 0)
-    return pixels, token, n_tokens
+# Per-token processor outputs and the value a text token appended after the image takes.
+_APPEND_VALUE = {"attention_mask": 1, "token_type_ids": 0, "mm_token_type_ids": 0}
+_APPEND_REPEAT = ("cross_attention_mask",)  # Mllama: text after the image attends to it like the last token
+
+
+class ImageProbe:
+    """Gaussian-noise images run through the checkpoint's own processor (transformers'
+    `AutoProcessor`), placed in front of the text probes.
+
+    Each probe row r gets its own image, N(0.5, 0.25^2) per pixel and channel, clipped to
+    [0, 1] and stored as uint8, of `side` pixels (the vision config's `image_size`, else 224:
+    the processor resizes it as it would a real image). The processor expands the image
+    placeholder into as many image tokens as the model needs and returns every extra input
+    the model's forward takes (`pixel_values`, `image_grid_thw`, `image_sizes`,
+    `pixel_attention_mask`, aspect-ratio ids, ...). The probe's token ids follow the
+    processor's ids; per-token outputs are extended over them (attention mask 1, token
+    type 0, Mllama's cross-attention mask as its last position).
+    """
+
+    def __init__(self, processor, prompt: str, count: int, seed: int, side: int, where: str):
+        import numpy as np
+
+        self.processor, self.prompt, self.where = processor, prompt, where
+        gen = np.random.default_rng(seed + 1)
+        self.images = [
+            (np.clip(gen.normal(0.5, 0.25, (side, side, 3)), 0.0, 1.0) * 255).round().astype(np.uint8)
+            for _ in range(count)
+        ]
+        self.extra_tokens = int(self._process([0])["input_ids"].shape[1])
+
+    def _process(self, rows) -> dict:
+        try:
+            out = self.processor(text=[self.prompt] * len(rows), images=[self.images[r] for r in rows],
+                                 return_tensors="pt")
+        except Exception as e:
+            raise DowserError(f"{self.where}: the model's processor could not process a noise image "
+                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+        return dict(out)
+
+    def inputs(self, rows: slice, ids: torch.Tensor) -> dict:
+        """Model inputs for probe rows `rows` whose text token ids are `ids` (B, T)."""
+        out = self._process(list(range(rows.start, rows.stop)))
+        n, extra = out["input_ids"].shape[1], ids.shape[1]
+        for key, value in list(out.items()):
+            if key == "input_ids" or not torch.is_tensor(value) or value.dim() < 2 or value.shape[1] != n:
+                continue
+            if key in _APPEND_VALUE:
+                tail = torch.full((value.shape[0], extra, *value.shape[2:]), _APPEND_VALUE[key], dtype=value.dtype)
+            elif key in _APPEND_REPEAT:
+                tail = value[:, -1:].expand(value.shape[0], extra, *value.shape[2:])
+            else:
+                continue
+            out[key] = torch.cat([value, tail], dim=1)
+        out["input_ids"] = torch.cat([out["input_ids"], ids.to(out["input_ids"].dtype)], dim=1)
+        return out
+
+
+def image_prompt(processor) -> str:
+    """The text that asks the processor for one image: its image token, wrapped in the tokens
+    that mark an image where the processor names them (Qwen-VL's vision start/end)."""
+    token = getattr(processor, "image_token", None)
+    if not isinstance(token, str):
+        return None
+    start, end = getattr(processor, "vision_start_token", None), getattr(processor, "vision_end_token", None)
+    if isinstance(start, str) and isinstance(end, str):
+        return f"{start}{token}{end}"
+    return token
+
+
+_PROCESSOR_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
+
+
+def _processor_folder(ckpt):
+    """A local folder holding the checkpoint's tokenizer and processor files (for a Hub
+    checkpoint: those files downloaded into the HF cache snapshot, weights left out)."""
+    small = [n for n in ckpt.files() if "/" not in n and n.endswith(_PROCESSOR_FILES) and "index" not in n]
+    paths = [ckpt.file_path(n) for n in small]
+    return paths[0].parent if paths else ckpt.file_path("config.json").parent
+
+
+def image_probe(ckpt, count: int, seed: int) -> ImageProbe:
+    """Noise-image probes for `count` rows through the checkpoint's AutoProcessor.
+
+    Raises DowserError when the checkpoint ships no processor that handles images.
+    """
+    from transformers import AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(str(_processor_folder(ckpt)))
+    except Exception as e:
+        raise DowserError(f"{ckpt.where}: --images needs the model's processor, which AutoProcessor cannot load "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+    prompt = image_prompt(processor)
+    if prompt is None or getattr(processor, "image_processor", None) is None:
+        raise DowserError(f"{ckpt.where}: --images needs a processor with an image processor and an image token; "
+                          f"{type(processor).__name__} has none")
+    vision = (ckpt.config or {}).get("vision_config") or {}
+    side = int(vision.get("image_size") or 224)
+    return ImageProbe(processor, prompt, count, seed, side, ckpt.where)

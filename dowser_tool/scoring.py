@@ -15,10 +15,18 @@ from __future__ import annotations
 import torch
 
 
-def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """S = |W| (.) (Psi^T diag(w) A) / sum(w), in float32. psi: (U, out), a: (U, in), w: (U,)."""
+def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                 transposed: bool = False) -> torch.Tensor:
+    """S = |W| (.) (Psi^T diag(w) A) / sum(w), in float32. psi: (U, out), a: (U, in), w: (U,).
+
+    W is (out, in), or (in, out) with `transposed` (transformers' Conv1D layout, as GPT-2
+    stores it); the score has W's own shape either way.
+    """
     psi, a, w = psi.float(), a.float(), w.float().to(psi.device)
-    score = ((psi * (w / w.sum())[:, None]).T @ a.to(psi.device))  # (out, in), the weighted mean outer product
+    weighted = psi * (w / w.sum())[:, None]
+    a = a.to(psi.device)
+    # (out, in) or (in, out): the weighted mean outer product in W's layout
+    score = a.T @ weighted if transposed else weighted.T @ a
     return score.mul_(W.detach().to(psi.device).abs())  # in place: one matrix-sized buffer, not four
 
 

@@ -3,7 +3,7 @@
 It exists so the quick start and the tests run offline: a CLIP-style vision
 tower, a 2-layer MLP projector and a 4-layer Llama decoder built from
 transformers configs, plus a byte-level BPE tokenizer trained on a few
-sentences with the `tokenizers` library, and a processor config. About 1.5 MB.
+sentences with the `tokenizers` library, and a LlavaProcessor that AutoProcessor loads. About 1.5 MB.
 
     python examples/make_tiny_llava.py [OUT_DIR] [--seed 0]
 """
@@ -87,17 +87,21 @@ def build(out: Path, seed: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    # The image processor's settings, written as JSON: building a CLIPImageProcessor needs
-    # Pillow, which nothing else here does. `dowser probe --images` reads mean/std from it.
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor",
-        "crop_size": {"height": vision.image_size, "width": vision.image_size},
-        "size": {"shortest_edge": vision.image_size},
-        "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073],
-        "image_std": [0.26862954, 0.26130258, 0.27577711],
-    }, indent=2) + "\n")
+    # The processor (tokenizer + CLIP image processor + LlavaProcessor settings), so that
+    # transformers.AutoProcessor loads it and `dowser probe --images` can expand <image>.
+    from transformers import CLIPImageProcessor, LlavaProcessor
 
+    image_processor = CLIPImageProcessor(
+        size={"shortest_edge": vision.image_size},
+        crop_size={"height": vision.image_size, "width": vision.image_size},
+        image_mean=[0.48145466, 0.4578275, 0.40821073],
+        image_std=[0.26862954, 0.26130258, 0.27577711],
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=vision.patch_size,
+        vision_feature_select_strategy="default", image_token="<image>", num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(out)
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

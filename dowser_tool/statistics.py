@@ -1,0 +1,146 @@
+"""Per-update Dowser statistics of every scored weight, recorded by hooks during the probe.
+
+For a linear weight W (out x in) with input h and output z = W h, one update u
+(a probe batch) records (Model-Dowser, Sec. 3; the released scripts' reductions):
+- a_u (in): mean over batch and token positions of |h| (`wanda`: root mean square);
+- psi_u (out): with g = d(xi . f / B)/dz for each of the M Rademacher draws xi of
+  the last-position logits f, the mean over draws of mean |g| (`reference`, as the
+  released scripts) or sqrt(mean over draws of mean g^2) (`hutchinson`, the paper's
+  E[g^2] = ||J_i||^2).
+
+nn.Linear and transformers' Conv1D are recorded with forward hooks on the module.
+Mixture-of-experts layers that keep all experts in one 3-D parameter call
+`F.linear(x, param[e])` once per expert; a torch function mode active during that
+module's forward sees each call, and records the expert's own tokens: a over the
+tokens routed to expert e, psi over their output gradients. An expert that gets
+no token in an update records zeros, as an unused layer does.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .anatomy import Weight
+
+
+def _reduce(t: torch.Tensor, rms: bool) -> torch.Tensor:
+    t = t.detach().float()
+    dims = tuple(range(t.dim() - 1))
+    return t.pow(2).mean(dims).sqrt() if rms else t.abs().mean(dims)
+
+
+class StatsRecorder:
+    """Hooks that turn the inputs and output gradients of scored weights into psi and a.
+
+    `attach(weights, model)` installs the hooks (returns handles to remove); every forward
+    of a hooked module records a; every backward draw through it records one psi draw;
+    `finish_update(weights)` closes one update (probe batch) for those weights. Results:
+    `psi[key]`, `a[key]`: lists of float32 vectors on the CPU, one per update.
+    """
+
+    def __init__(self, estimator: str, method: str):
+        self.estimator, self.method = estimator, method
+        self.psi: dict[str, list[torch.Tensor]] = {}
+        self.a: dict[str, list[torch.Tensor]] = {}
+        self._draws: dict[str, list[torch.Tensor]] = {}
+        self._act: dict[str, torch.Tensor] = {}
+        self.unit_activation: set[str] = set()  # boundary rule: projector weights use a = 1
+        self.sizes: dict[str, tuple[int, int]] = {}  # key -> (out, in)
+
+    def attach(self, weights: list[Weight], model) -> list:
+        handles = []
+        by_module: dict[str, list[Weight]] = {}
+        for w in weights:
+            by_module.setdefault(w.module, []).append(w)
+        for path, group in by_module.items():
+            module = model.get_submodule(path)
+            if group[0].expert is None:
+                handles.append(module.register_forward_hook(self._linear_hook(group)))
+            else:
+                tracer = _ExpertTracer(self, group, model)
+                handles.append(module.register_forward_pre_hook(tracer.start))
+                handles.append(module.register_forward_hook(tracer.stop))
+        return handles
+
+    def _linear_hook(self, group: list[Weight]):
+        def hook(module, inputs, output):
+            self.record(group, inputs[0], output)
+
+        return hook
+
+    def record(self, group: list[Weight], inputs: torch.Tensor, output: torch.Tensor, rows=None) -> None:
+        """Record one forward of weights sharing an input: a from `inputs`, psi later from the
+        gradient of `output` (columns `rows[key]` of it for weights fused into one output)."""
+        a = _reduce(inputs, self.method == "wanda")
+        for w in group:
+            self._act[w.key] = a
+        if output.requires_grad and self.method != "wanda":
+            output.register_hook(self._grad_hook(group, rows))
+
+    def _grad_hook(self, group: list[Weight], rows):
+        def hook(g):
+            g = g.detach().float()
+            dims = tuple(range(g.dim() - 1))
+            per = g.pow(2).mean(dims) if self.estimator == "hutchinson" else g.abs().mean(dims)
+            for w in group:
+                lo, hi = rows[w.key] if rows else (0, per.numel())
+                self._draws.setdefault(w.key, []).append(per[lo:hi])
+
+        return hook
+
+    def finish_update(self, weights: list[Weight]) -> None:
+        """Close one update (probe batch): average the draws, store psi_u and a_u."""
+        for w in weights:
+            out_f, in_f = self.sizes[w.key]
+            draws = self._draws.pop(w.key, None)
+            if self.method == "wanda":
+                psi = torch.ones(out_f)
+            elif draws is None:  # no gradient reached it (an expert no token was routed to)
+                psi = torch.zeros(out_f)
+            else:
+                psi = torch.stack(draws).mean(0)
+                if self.estimator == "hutchinson":
+                    psi = psi.sqrt()
+            a = self._act.pop(w.key, None)
+            a = torch.zeros(in_f) if a is None else a
+            if w.key in self.unit_activation:
+                a = torch.ones_like(a)
+            self.psi.setdefault(w.key, []).append(psi.cpu())
+            self.a.setdefault(w.key, []).append(a.cpu())
+
+
+class _ExpertTracer(TorchFunctionMode):
+    """Active during one experts module's forward: each `F.linear(x, param[e])` on a scored
+    3-D parameter is recorded for the per-expert weights that slice (param, e)."""
+
+    def __init__(self, recorder: StatsRecorder, group: list[Weight], model):
+        super().__init__()
+        self.recorder = recorder
+        self.params = {}
+        self.by_slice: dict[tuple[int, int], list[Weight]] = {}
+        for w in group:
+            p = model.get_parameter(w.param)
+            self.params[id(p)] = p
+            self.by_slice.setdefault((id(p), w.expert), []).append(w)
+
+    def start(self, module, args) -> None:  # forward pre-hook: must return None (keeps the args)
+        self.__enter__()
+
+    def stop(self, module, args, output) -> None:
+        self.__exit__(None, None, None)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is F.linear:
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            base = getattr(weight, "_base", None)
+            if base is not None and id(base) in self.params:
+                expert = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
+                group = self.by_slice.get((id(base), expert))
+                if group:
+                    rows = {w.key: w.rows for w in group}
+                    self.recorder.record(group, args[0], out, rows)
+        return out

@@ -16,7 +16,6 @@ import time
 
 import torch
 
-from dowser_tool.names import DECODER_LINEARS
 from dowser_tool.probe import rademacher
 
 
@@ -29,12 +28,12 @@ def load_model(folder: str, dtype=torch.float32):
 
 
 def scored_modules(model) -> dict[str, torch.nn.Linear]:
-    """Every decoder layer's q/k/v/o/gate/up/down, by in-memory parameter name."""
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and any(name.endswith(s) for s in DECODER_LINEARS) and ".layers." in name:
-            out[f"{name}.weight"] = module
-    return out
+    """Every nn.Linear inside the decoder's layers (the benchmark's Llama models: q/k/v/o/gate/up/down),
+    by in-memory parameter name."""
+    layers = model.get_decoder().layers
+    prefix = next(n for n, m in model.named_modules() if m is layers)
+    return {f"{prefix}.{name}.weight": module for name, module in layers.named_modules()
+            if isinstance(module, torch.nn.Linear)}
 
 
 def reference_scores(model, tokens: torch.Tensor, batch_size: int, draws: int, seed: int):

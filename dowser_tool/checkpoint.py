@@ -245,8 +245,9 @@ class Checkpoint:
     def read(self, name: str) -> torch.Tensor:
         return self.read_many([name])[name]
 
-    def read_many(self, names) -> dict[str, torch.Tensor]:
-        """Read several tensors; on the Hub, adjacent ones come in one ranged request."""
+    def read_many(self, names, gap: int = COALESCE_GAP) -> dict[str, torch.Tensor]:
+        """Read several tensors; on the Hub, ones closer than `gap` bytes come in one ranged request
+        (gap 0: only adjacent ones, so that no byte outside the tensors is transferred)."""
         names = list(names)
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[TensorEntry]] = {}
@@ -268,7 +269,7 @@ class Checkpoint:
                 for name in file_names:
                     out[name] = f.get_tensor(name)
         for file, entries in by_file.items():
-            for start, end, group in _coalesce(entries):
+            for start, end, group in _coalesce(entries, gap):
                 buf = memoryview(self._files.read_range(file, start, end))
                 if len(buf) != end - start:
                     raise DowserError(f"{self.where}/{file}: truncated: wanted {end - start} bytes, got {len(buf)}")
@@ -353,12 +354,12 @@ class Checkpoint:
         return self._handles[file]
 
 
-def _coalesce(entries: list[TensorEntry]):
-    """Group entries of one file into ranges; entries closer than COALESCE_GAP share a request."""
+def _coalesce(entries: list[TensorEntry], gap: int = COALESCE_GAP):
+    """Group entries of one file into ranges; entries closer than `gap` bytes share a request."""
     entries = sorted(entries, key=lambda e: e.start)
     groups: list[tuple[int, int, list[TensorEntry]]] = []
     for e in entries:
-        if groups and e.start - groups[-1][1] <= COALESCE_GAP:
+        if groups and e.start - groups[-1][1] <= gap:
             start, end, members = groups[-1]
             groups[-1] = (start, max(end, e.end), members + [e])
         else:

@@ -13,13 +13,16 @@ def summarize(path) -> dict:
     sc = Sidecar(path)
     rows = []
     total = protected = 0
+    info = sc.metadata.get("tensor_info") or {}
     for name in sc.names:
         m = sc.mask(name)
         n, p = m.numel(), int(m.sum())
         total += n
         protected += p
-        rows.append({"tensor": name, "shape": list(m.shape), "protected_fraction": p / n if n else 0.0})
-    meta = {k: v for k, v in sc.metadata.items() if k not in ("tensors",)}
+        t = info.get(name) or {}
+        rows.append({"tensor": name, "shape": list(m.shape), "protected_fraction": p / n if n else 0.0,
+                     "kind": t.get("kind"), "layer": t.get("layer")})
+    meta = {k: v for k, v in sc.metadata.items() if k not in ("tensors", "tensor_info")}
     return {
         "path": str(sc.path),
         "metadata": meta,
@@ -50,10 +53,20 @@ def format_text(summary: dict) -> str:
     )
     lines.append("")
     width = max([len(r["tensor"]) for r in summary["tensors"]] + [6])
-    lines.append(f"{'tensor':<{width}}  {'shape':>14}  protected")
+    lines.append(f"{'tensor':<{width}}  {'kind':<10}  {'shape':>14}  protected")
     for r in summary["tensors"]:
         shape = "x".join(map(str, r["shape"]))
-        lines.append(f"{r['tensor']:<{width}}  {shape:>14}  {r['protected_fraction']:.4f}")
+        lines.append(f"{r['tensor']:<{width}}  {r['kind'] or '?':<10}  {shape:>14}  {r['protected_fraction']:.4f}")
+    unscored = meta.get("unscored") or {}
+    if unscored:
+        lines.append("")
+        lines.append(f"not scored   {len(unscored)} tensors")
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in unscored.items():
+            by_reason.setdefault(reason, []).append(name)
+        for reason, names in by_reason.items():
+            shown = ", ".join(names[:3]) + (f", ... ({len(names)} in all)" if len(names) > 3 else "")
+            lines.append(f"  {reason}: {shown}")
     return "\n".join(lines)
 
 
@@ -70,19 +83,15 @@ def plot(summary: dict, out_png) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         raise DowserError("--plot needs matplotlib: pip install 'dowser-tool[plot]'") from None
-    import re
-
     series: dict[str, list[tuple[int, float]]] = {}
-    for r in summary["tensors"]:
-        m = re.search(r"layers\.(\d+)\.", r["tensor"])
-        kind = r["tensor"].split(".")[-2]
-        layer = int(m.group(1)) if m else -1
-        series.setdefault(kind, []).append((layer, r["protected_fraction"]))
+    for r in summary["tensors"]:  # layer and kind as the probe recorded them (tensor_info)
+        layer = r["layer"] if isinstance(r["layer"], int) else -1
+        series.setdefault(r["kind"] or "?", []).append((layer, r["protected_fraction"]))
     fig, ax = plt.subplots(figsize=(8, 4))
     for kind, pts in sorted(series.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=kind)
-    ax.set_xlabel("decoder layer (-1: outside the decoder)")
+    ax.set_xlabel("decoder layer (-1: outside the decoder, or not recorded)")
     ax.set_ylabel("protected fraction")
     ax.set_title(summary["path"].split("/")[-1])
     ax.legend(fontsize=8)

@@ -58,14 +58,15 @@ class ProbeSettings:
     dtype: str = "auto"
     seed: int = 0
     save_stats: bool = True
-    resident: str = "auto"  # keep loaded layers in memory: auto (if the model is small), always, never
+    resident: str = "auto"  # keep layers in memory between uses: auto (if they fit), always, never
+    cache_dir: str | None = None  # parent of the temporary layer cache for Hub checkpoints (default: cwd)
     activation_budget: int | None = None  # bytes of stored layer inputs per pass; None: 1/4 of free RAM
     sampling: Sampling = field(default_factory=Sampling)
 
     def fingerprint(self) -> dict:
         """The settings that decide the result (a resumed run must match them exactly)."""
         d = asdict(self)
-        for k in ("device", "resident", "activation_budget"):
+        for k in ("device", "resident", "activation_budget", "cache_dir"):
             d.pop(k)
         return d
 
@@ -268,9 +269,10 @@ class ProbeRun:
         settings.validate()
         self.ckpt, self.s, self.progress = ckpt, settings, progress
         self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype, ckpt.config or {})
-        weights_bytes = sum(math.prod(ckpt.shape(n)) * 4 for n in ckpt.tensor_names())
-        resident = {"always": True, "never": False}.get(settings.resident, weights_bytes < (1 << 30))
-        self.runner = BlockRunner(ckpt, self.device, self.dtype, resident=resident)
+        if settings.resident not in ("auto", "always", "never"):
+            raise DowserError(f"--resident must be auto, always or never, got {settings.resident!r}")
+        self.runner = BlockRunner(ckpt, self.device, self.dtype, residency=settings.resident,
+                                  cache_dir=settings.cache_dir)
         self.anatomy = self.runner.anatomy
         n_layers = len(self.runner.layers)
         self.layers = parse_layers(settings.layers, n_layers)
@@ -584,7 +586,7 @@ class ProbeRun:
         masks = {}
         t0 = time.perf_counter()
         for idx, x in enumerate(tqdm(self.weights, desc="cutting masks", disable=not self.progress, leave=False)):
-            W = self.ckpt.read(x.key)
+            W = self.runner.read_raw([x.key])[x.key]
             if s.method == "random":
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + idx)
                 score = torch.rand(W.shape, generator=gen)
@@ -617,8 +619,7 @@ class ProbeRun:
             "granularity": "entry",
             "layers": self.layers,
             "include": sorted(s.include),
-            "kinds": {x.key: x.kind for x in self.weights},
-            "transposed": sorted(x.key for x in self.weights if x.transposed),
+            "tensor_info": {x.key: _tensor_info(x) for x in self.weights},
             "roles": {x.key: "output_head" for x in self.head_weights},
             "unscored": dict(sorted(self.unscored.items())),
             "probe": {
@@ -633,6 +634,14 @@ class ProbeRun:
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
             },
         }
+
+
+def _tensor_info(w: Weight) -> dict:
+    """What the sidecar records about one scored tensor (docs/FORMAT.md, `tensor_info`)."""
+    info = {"part": w.part, "kind": w.kind, "layer": w.layer, "layout": "in_out" if w.transposed else "out_in"}
+    if w.expert is not None:
+        info["expert"] = w.expert
+    return info
 
 
 def _out_in(w: Weight, shape) -> tuple[int, int]:
@@ -677,15 +686,18 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model, revision, allow_pickle=allow_pickle, download=download)
     run = ProbeRun(ckpt, settings, progress and rank == 0)
-    identity = [ckpt.source, ckpt.sha, sorted((n, list(ckpt.shape(n))) for n in ckpt.tensor_names())]
-    state = ResumeState(state_path, {"settings": settings.fingerprint(), "model": identity}) if world == 1 else None
-    if state is not None and not resume:
-        state.remove()
-    data = run.run(state)
-    if rank == 0:
-        write_sidecar(dest, data)
-    if state is not None:
-        state.remove()
+    try:
+        identity = [ckpt.source, ckpt.sha, sorted((n, list(ckpt.shape(n))) for n in ckpt.tensor_names())]
+        state = ResumeState(state_path, {"settings": settings.fingerprint(), "model": identity}) if world == 1 else None
+        if state is not None and not resume:
+            state.remove()
+        data = run.run(state)
+        if rank == 0:
+            write_sidecar(dest, data)
+        if state is not None:
+            state.remove()
+    finally:
+        run.runner.close()
     numel = sum(m.numel() for m in data.masks.values())
     protected = sum(m.protected() for m in data.masks.values())
     return {
@@ -699,6 +711,8 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
         "seconds": time.perf_counter() - t0,
         "timings": run.timings,
         "passes": run.passes,
+        "weight_passes": run.runner.passes,
+        "tier": run.runner.tier,
         "spilled": run.spill,
         "read_s": run.runner.read_seconds,
         "wait_s": run.runner.wait_seconds,

@@ -109,12 +109,19 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     for r, p in enumerate(prefixes):
         tokens[r, : min(len(p), length)] = torch.tensor(p[:length])
     cache = DynamicCache(config=runner.anatomy.text_config)
+    if runner.keeps_loaded:
+        runner.load_all()  # every layer in memory: each step is one forward of the model itself
     for t in range(length - 1):
-        step = runner.capture(input_ids=tokens[:, t : t + 1].to(runner.device), cache=cache, use_cache=True)
-        h = step.hidden
-        for i, layer in runner.stream(range(len(runner.layers))):
-            h = step.call(i, layer, h, runner.tuple_out)
-        sampled = sample_next(runner.head_logits(h), tokens[:, : t + 1], sampling, gen)
+        ids = tokens[:, t : t + 1].to(runner.device)
+        if runner.keeps_loaded:
+            logits = runner.step_logits(ids, cache)
+        else:  # the weights fit in no memory tier: each step streams every layer (the floor)
+            step = runner.capture(input_ids=ids, cache=cache, use_cache=True)
+            h = step.hidden
+            for i, layer in runner.stream(range(len(runner.layers))):
+                h = step.call(i, layer, h, runner.tuple_out)
+            logits = runner.head_logits(h)
+        sampled = sample_next(logits, tokens[:, : t + 1], sampling, gen)
         for r, p in enumerate(prefixes):
             if t + 1 >= len(p):  # past its prefix: the model's own continuation
                 tokens[r, t + 1] = sampled[r]

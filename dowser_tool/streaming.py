@@ -17,12 +17,23 @@ additive and independent of the hidden states (Qwen3-VL's deepstack), and
 refused otherwise. What the model does after the last layer (final norm, head,
 logit soft-capping, ...) is run by the model itself too (`head_logits`): the
 stubs hand it the streamed hidden states. No per-architecture forward code.
+
+Each byte of the checkpoint leaves its source once. Layers needed again (every
+generated token, the forward and the reverse pass) come from the fastest tier
+the whole decoder fits in, decided from the memory free when the run starts
+(`plan_tier`): GPU memory, then host RAM (pinned when computing on CUDA). If
+they fit in neither, every pass re-reads them: from the source folder (memory
+map), or, for a Hub checkpoint, from a temporary local layer cache written on
+the first read (`LayerCache`), so nothing is fetched over HTTP twice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import shutil
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -91,11 +102,101 @@ class Captured:
         return out if c.delta is None else out + c.delta
 
 
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def _split_hidden(args, kwargs):
     if args:
         return args[0], tuple(args[1:]), dict(kwargs)
     kwargs = dict(kwargs)
     return kwargs.pop("hidden_states"), (), kwargs
+
+
+TIERS = ("gpu", "ram", "stream")
+
+
+def available_ram() -> int:
+    """Bytes of host memory available now (Linux MemAvailable), else 4 GiB."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def plan_tier(layer_bytes: int, device: torch.device, setting: str = "auto") -> str:
+    """Where the decoder layers stay between uses: 'gpu', 'ram' or 'stream' (re-read every pass).
+
+    layer_bytes: all decoder layers in the compute dtype. `setting` 'always' keeps them in
+    the fastest tier, 'never' streams; 'auto' keeps them on the GPU if they fit in 70% of its
+    free memory, else in host RAM if they fit in half of the memory available now.
+    """
+    if setting == "never":
+        return "stream"
+    cuda = device.type == "cuda"
+    if setting == "always":
+        return "gpu" if cuda else "ram"
+    if cuda:
+        free, _ = torch.cuda.mem_get_info(device)
+        if layer_bytes <= 0.7 * free:
+            return "gpu"
+    return "ram" if layer_bytes <= available_ram() // 2 else "stream"
+
+
+class LayerCache:
+    """A Hub checkpoint's tensors kept on local disk after their first (HTTP) read.
+
+    One safetensors file per read (a layer, the stem), in a temporary folder under
+    `parent` (the working directory by default), removed by `close()`. Raises
+    DowserError before anything is written if the free disk cannot hold `need` bytes.
+    """
+
+    def __init__(self, ckpt: Checkpoint, need: int, parent: str | None = None):
+        parent = os.path.abspath(parent or os.getcwd())
+        if not os.path.isdir(parent):
+            raise DowserError(f"{parent}: --cache-dir does not exist")
+        free = shutil.disk_usage(parent).free
+        if free < need + (256 << 20):
+            raise DowserError(f"{parent}: the layer cache needs {need / 1e9:.1f} GB of free disk, only "
+                              f"{free / 1e9:.1f} GB free (pass --cache-dir on a larger disk, or --download)")
+        self.ckpt = ckpt
+        self.dir = tempfile.mkdtemp(prefix=".dowser-layers-", dir=parent)
+        self._file_of: dict[str, str] = {}
+        self.bytes_cached = 0
+
+    def read_many(self, keys) -> dict[str, torch.Tensor]:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        keys = list(keys)
+        fresh = [k for k in keys if k not in self._file_of]
+        out = {}
+        if fresh:
+            got = self.ckpt.read_many(fresh, gap=0)  # every byte fetched is a byte kept
+            path = os.path.join(self.dir, f"{len(set(self._file_of.values()))}.safetensors")
+            save_file({k: v.contiguous() for k, v in got.items()}, path)
+            self.bytes_cached += sum(v.numel() * v.element_size() for v in got.values())
+            for k in fresh:
+                self._file_of[k] = path
+            del got
+        by_file: dict[str, list[str]] = {}
+        for k in keys:
+            by_file.setdefault(self._file_of[k], []).append(k)
+        for path, group in by_file.items():
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for k in group:
+                    out[k] = f.get_tensor(k)
+        return {k: out[k] for k in keys}
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class BlockRunner:
@@ -106,18 +207,30 @@ class BlockRunner:
     states between layers in a way that cannot be streamed.
     """
 
-    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, resident: bool = False,
-                 anatomy: Anatomy | None = None):
+    def __init__(self, ckpt: Checkpoint, device: torch.device, dtype: torch.dtype, residency: str = "auto",
+                 anatomy: Anatomy | None = None, cache_dir: str | None = None):
         if ckpt.config is None:
             raise DowserError(f"{ckpt.where}: no config.json")
-        self.ckpt, self.device, self.dtype, self.resident = ckpt, device, dtype, resident
+        self.ckpt, self.device, self.dtype = ckpt, device, dtype
         self.anatomy = anatomy or Anatomy.of(ckpt.config, {n: ckpt.shape(n) for n in ckpt.tensor_names()},
                                              ckpt.where, dtype)
         self.model = self.anatomy.model
         self.layers: nn.ModuleList = self.anatomy.layers
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        shapes = self.anatomy.shapes
+        self.layer_keys = [[k for p in params for k in self.anatomy.keys.sources[p]] for params in self.anatomy.layer_params]
+        self.layer_bytes = sum(_numel(shapes[k]) * itemsize for keys in self.layer_keys for k in keys)
+        self.tier = residency if residency in TIERS else plan_tier(self.layer_bytes, device, residency)
+        self.cache = None
+        if ckpt.is_remote and not ckpt._files.download:  # ranged HTTP reads: keep what was read
+            need = sum(_numel(shapes[k]) * ckpt.dtype(k).itemsize for k in shapes)
+            self.cache = LayerCache(ckpt, need, cache_dir)
+        self.reader = self.cache.read_many if self.cache else ckpt.read_many
         self._resident: dict[int, dict[str, torch.Tensor]] = {}
+        self.layer_reads = [0] * len(self.layers)  # reads of each layer from the source or the disk cache
         self.read_seconds = 0.0  # time spent reading layer weights (in the prefetch thread)
         self.wait_seconds = 0.0  # time the compute loop waited for a layer to arrive
+        self._copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.tuple_out = False  # whether the model's loop expects layers to return tuples
         self._checked_deltas = False
         params = inspect.signature(self.model.forward).parameters
@@ -130,16 +243,39 @@ class BlockRunner:
         module = self.model.get_submodule(module_name)
         module._parameters[attr] = nn.Parameter(value, requires_grad=False)
 
-    def _read(self, params: list[str]) -> dict[str, torch.Tensor]:
-        """In-memory parameter names -> tensors on the device in the compute dtype."""
+    @property
+    def keeps_loaded(self) -> bool:
+        """Whether every layer stays loaded in the model once read (resident on the compute device)."""
+        return self.tier == "gpu" or (self.tier == "ram" and self.device.type == "cpu")
+
+    @property
+    def passes(self) -> float:
+        """Passes over the decoder weights read from their source or the disk cache."""
+        return sum(self.layer_reads) / max(len(self.layers), 1)
+
+    def read_raw(self, keys) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors as stored (dtype and values), through the layer cache for the Hub."""
+        return self.reader(list(keys))
+
+    def close(self) -> None:
+        """Remove the layer cache (a no-op for local checkpoints)."""
+        if self.cache is not None:
+            self.cache.close()
+
+    def _read(self, params: list[str], host: bool = False) -> dict[str, torch.Tensor]:
+        """In-memory parameter names -> tensors in the compute dtype, on the device (on the host,
+        pinned for CUDA, with `host`)."""
         out = {}
-        for n, t in self.anatomy.keys.load(params, self.ckpt.read_many, self.model).items():
+        device = torch.device("cpu") if host else self.device
+        for n, t in self.anatomy.keys.load(params, self.reader, self.model).items():
             expected = tuple(self.model.get_parameter(n).shape)
             if tuple(t.shape) != expected:
                 keys = self.anatomy.keys.sources[n]
                 raise DowserError(f"{self.ckpt.where}: {keys[0]!r} gives {n!r} shape {list(t.shape)}, "
                                   f"the config implies {list(expected)}")
-            moved = t.to(self.device, self.dtype) if t.is_floating_point() else t.to(self.device)
+            moved = t.to(device, self.dtype) if t.is_floating_point() else t.to(device)
+            if host and self.device.type == "cuda":
+                moved = moved.pin_memory()
             if moved.data_ptr() == t.data_ptr() and t.numel():
                 # safe_open hands back tensors over the file mapping: nothing is read until the
                 # pages are touched. Touch one element per page here, in the prefetch thread, so
@@ -164,15 +300,36 @@ class BlockRunner:
                     module._buffers[bname] = buf.to(self.device)
 
     def fetch_layer(self, i: int) -> dict[str, torch.Tensor]:
-        """Read layer i's weights (safe to call from a background thread)."""
-        if i in self._resident:
-            return self._resident[i]
+        """Layer i's weights on the compute device (safe to call from a background thread): from
+        its memory tier, or read from the source / disk cache. On CUDA the host-to-device copy runs
+        on a side stream, so that it overlaps the compute of the layer before."""
+        cuda = self.device.type == "cuda"
+        cached = self._resident.get(i)
+        if cached is not None and (self.tier == "gpu" or not cuda):
+            return cached  # already on the compute device
         t0 = time.perf_counter()
-        tensors = self._read(self.anatomy.layer_params[i])
-        self.read_seconds += time.perf_counter() - t0
-        if self.resident:
+        if cached is not None:  # 'ram' tier on CUDA: the pinned host copy
+            host = cached
+        else:
+            host = self._read(self.anatomy.layer_params[i], host=cuda)
+            self.layer_reads[i] += 1
+            if self.tier == "ram" and cuda:
+                self._resident[i] = host
+        tensors = self._to_device(host)
+        if self.tier == "gpu" or (self.tier == "ram" and not cuda):
             self._resident[i] = tensors
+        self.read_seconds += time.perf_counter() - t0
         return tensors
+
+    def _to_device(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self._copy_stream is None or all(t.device == self.device for t in tensors.values()):
+            return tensors
+        with torch.cuda.stream(self._copy_stream):
+            out = {n: t.to(self.device, non_blocking=True) for n, t in tensors.items()}
+        event = torch.cuda.Event()
+        event.record(self._copy_stream)
+        event.synchronize()  # copies done before the compute stream uses them (this is the prefetch thread)
+        return out
 
     def load_layer(self, i: int, tensors: dict[str, torch.Tensor] | None = None) -> nn.Module:
         for n, t in (tensors if tensors is not None else self.fetch_layer(i)).items():
@@ -180,7 +337,9 @@ class BlockRunner:
         return self.layers[i]
 
     def release_layer(self, i: int) -> None:
-        """Put the layer's parameters back on meta, freeing their memory (unless resident)."""
+        """Put the layer's parameters back on meta, freeing their memory (kept when resident)."""
+        if self.keeps_loaded:
+            return
         for n in self.anatomy.layer_params[i]:
             p = self.model.get_parameter(n)
             self._set(n, torch.empty(p.shape, dtype=p.dtype, device="meta"))
@@ -216,6 +375,13 @@ class BlockRunner:
                     self.release_layer(i)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
+
+    def load_all(self) -> None:
+        """Load every decoder layer (only when they stay resident: `keeps_loaded`)."""
+        if not self.keeps_loaded:
+            raise RuntimeError("load_all needs a resident tier")
+        for i, _ in self.stream(range(len(self.layers))):
+            pass
 
     # ---- running ---------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -318,6 +484,15 @@ class BlockRunner:
             out = self.model(**kwargs)
         logits = out.logits if hasattr(out, "logits") else out[0]
         return logits if all_positions else logits[:, -1, :]
+
+    def step_logits(self, input_ids: torch.Tensor, cache) -> torch.Tensor:
+        """Last-position logits of one generation step by the model's own forward (all layers loaded),
+        reusing and extending `cache` (transformers' DynamicCache)."""
+        kwargs = {"input_ids": input_ids, "cache": cache, "use_cache": True}
+        if self._logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(**kwargs)
+        return (out.logits if hasattr(out, "logits") else out[0])[:, -1, :]
 
     def forward_all(self, captured: Captured, hidden: torch.Tensor, layers=None) -> torch.Tensor:
         """Run the given (default: all) loaded decoder layers in order."""

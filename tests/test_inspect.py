@@ -77,3 +77,19 @@ def test_version_and_help():
     r = CliRunner().invoke(main, ["--help"])
     for cmd in ("probe", "merge", "inspect"):
         assert cmd in r.output
+
+
+def test_inspect_shows_kinds_and_why_tensors_are_not_scored(tmp_path):
+    masks = {"model.layers.0.mlp.experts.1.up_proj.weight": torch.ones(4, 2, dtype=torch.bool)}
+    info = {"tensor_info": {"model.layers.0.mlp.experts.1.up_proj.weight":
+                            {"part": "decoder", "kind": "expert", "layer": 0, "layout": "out_in", "expert": 1}},
+            "unscored": {f"vision.layers.{i}.fc.weight": "cannot influence the output" for i in range(5)}}
+    path = write_sidecar(tmp_path / "k.dowser.safetensors", SidecarData(masks, info=info))
+    r = CliRunner().invoke(main, ["inspect", str(path)])
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.output.splitlines() if line.startswith("model.layers.0.mlp.experts.1"))
+    assert row.split()[1] == "expert"
+    assert "not scored   5 tensors" in r.output
+    assert "cannot influence the output: vision.layers.0.fc.weight" in r.output and "(5 in all)" in r.output
+    doc = json.loads(CliRunner().invoke(main, ["inspect", str(path), "--json"]).output)
+    assert doc["tensors"][0]["kind"] == "expert" and doc["tensors"][0]["layer"] == 0

@@ -15,7 +15,7 @@ def _split(value):
 @click.option("--out", type=click.Path(dir_okay=False), help="Output sidecar [default: NAME.dowser.safetensors].")
 @click.option("--update-ratio", type=float, default=0.1, show_default=True, help="Trainable fraction of each matrix.")
 @click.option("--layers", help="Decoder layers to score: all, last:N, A-B or a comma list [default: all].")
-@click.option("--include", default="", help="Also score: lm_head, projector, vision (comma-separated).")
+@click.option("--include", default="", help="Also score: lm_head, projector, vision, router (comma-separated).")
 @click.option("--probes", type=int, default=64, show_default=True, help="Number of probe sequences.")
 @click.option("--probe-len", type=int, default=64, show_default=True, help="Tokens per probe sequence.")
 @click.option("--batch-size", type=int, default=4, show_default=True)
@@ -32,7 +32,10 @@ def _split(value):
 @click.option("--save-stats/--no-save-stats", default=True, show_default=True,
               help="Keep score statistics so masks can be re-cut at any ratio.")
 @click.option("--resident", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
-              help="Keep loaded layers in memory instead of re-reading them (auto: models under 1 GB).")
+              help="Keep the decoder layers in memory between uses (auto: on the GPU or in RAM if they fit in "
+                   "the memory free now; never: re-read them on every pass).")
+@click.option("--cache-dir", type=click.Path(file_okay=False), help="Where the temporary layer cache of a Hub "
+              "checkpoint goes [default: the working directory]; it is removed at the end.")
 @click.option("--activation-budget", help="Memory for stored layer inputs per pass, e.g. 2GB "
               "[default: 1/4 of free RAM]; past it, batches go in several passes and spill to disk.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its OUT.resume state.")
@@ -50,15 +53,24 @@ def probe(model, revision, out, include, activation_budget, resume, allow_pickle
                         allow_pickle=allow_pickle, download=download, progress=not quiet)
     if summary["rank"] != 0:
         return
-    notes = [f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"]
-    if summary["spilled"]:
-        notes.append("activations spilled to disk")
-    if summary["timings"].get("generate_s"):
-        notes.append(f"{summary['timings']['generate_s'] / summary['seconds']:.0%} of the time generating probes")
-    click.echo(
-        f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
-        f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s ({', '.join(notes)})"
-    )
+    click.echo(summary_line(summary))
+
+
+def summary_line(summary: dict) -> str:
+    """The probe's one-line report: what was written, where the time went, how often the weights were read."""
+    t = summary["timings"]
+    times = [f"{label} {t[key]:.1f}s" for key, label in (("generate_s", "generation"), ("probe_s", "statistics"))
+             if key in t]
+    passes = summary["weight_passes"]
+    if summary["tier"] in ("gpu", "ram"):
+        reads = f"weights read once, kept in {'GPU memory' if summary['tier'] == 'gpu' else 'RAM'}"
+    else:
+        reads = f"{passes:g} passes over the weights: they fit in no memory tier"
+    notes = [f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"
+             + (", activations spilled to disk" if summary["spilled"] else "")]
+    return (f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
+            f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s "
+            f"({', '.join(times + [reads] + notes)})")
 
 
 @click.command()

@@ -149,11 +149,27 @@ def _generation_config(cfg, tok):
                             pad_token_id=tok.pad_token_id)
 
 
+def _fill_zero_init(model) -> None:
+    """Some parameters start at exactly zero in transformers' init and would cut a path off from the output: the
+    Gemma 3 projector matrix (mm_input_projection_weight), Mllama's tanh gates (cross-attention and vision
+    positional-embedding gates), InternVL's position embeddings.  Trained checkpoints have them non-zero, so every
+    all-zero parameter with 2+ dims is redrawn from normal(0, 0.02) and every all-zero scalar gate from
+    uniform(0.5, 1), continuing the seeded generator.  1-D zeros (biases, Gemma's 1 + w norms) stay."""
+    with torch.no_grad():
+        for _, param in model.named_parameters():
+            if param.numel() and not param.any():
+                if param.ndim >= 2:
+                    param.normal_(0.0, 0.02)
+                elif param.numel() == 1:
+                    param.uniform_(0.5, 1.0)
+
+
 def _save(make_model, cfg, out: Path, seed: int, tok, processor=None) -> Path:
     """Random-init ``make_model(cfg)`` (a model class or ``AutoModel*.from_config``) under ``torch.manual_seed(seed)``, save model, generation config and
     tokenizer (or processor, which saves its tokenizer) into ``out``."""
     torch.manual_seed(seed)
     model = make_model(cfg).eval()
+    _fill_zero_init(model)
     model.generation_config = _generation_config(cfg, tok)
     out = Path(out)
     model.save_pretrained(out)
@@ -736,6 +752,7 @@ def _build_mllama(out: Path, seed: int = 0) -> Path:
                 image_token_index=_ids(tok, image="<|image|>")["image"])
 
 
+
 def _build_mistral3(out: Path, seed: int = 0) -> Path:
     """mistralai/Mistral-Small-3.1-24B-Instruct-2503: Pixtral ViT (2-D RoPE, any aspect ratio), 2x2 patch merger,
     [IMG]/[IMG_BREAK]/[IMG_END] tokens, Mistral text; lm_head not tied."""
@@ -777,11 +794,13 @@ def _nvila_projector(mm: int, h: int):
     """``mlp_downsample_3x3_fix`` [V §2.1, VILA base_projector.py L163-174]: Sequential of
     0 DownSample3x3BlockFix (no parameters) · 1 LayerNorm(9mm) · 2 Linear(9mm->3mm) · 3 GELU · 4 LayerNorm(3mm) ·
     5 Linear(3mm->h) · 6 GELU · 7 Linear(h->h); LayerNorm eps 1e-5 and exact GELU [I, from the constructor calls].
-    Index 0 is an Identity here: the downsampling has no weights, only the state-dict indices matter."""
+    Index 0 is an Identity here: the downsampling has no weights, only the state-dict indices matter.  Held as
+    ``layers`` like VILA's ``MultimodalProjector.layers``, so the state dict reads ``layers.N.{weight,bias}``."""
     from torch import nn
 
-    return nn.Sequential(nn.Identity(), nn.LayerNorm(9 * mm), nn.Linear(9 * mm, 3 * mm), nn.GELU(),
-                         nn.LayerNorm(3 * mm), nn.Linear(3 * mm, h), nn.GELU(), nn.Linear(h, h))
+    return nn.ModuleDict({"layers": nn.Sequential(
+        nn.Identity(), nn.LayerNorm(9 * mm), nn.Linear(9 * mm, 3 * mm), nn.GELU(), nn.LayerNorm(3 * mm),
+        nn.Linear(3 * mm, h), nn.GELU(), nn.Linear(h, h))})
 
 
 def _nvila_parts(seed: int):
@@ -804,6 +823,8 @@ def _nvila_parts(seed: int):
     llm = Qwen2ForCausalLM(llm_cfg).eval()
     tower = SiglipVisionModel(vis_cfg).eval()
     projector = _nvila_projector(NVILA_MM, llm_cfg.hidden_size).eval()
+    for module in (llm, tower, projector):
+        _fill_zero_init(module)
     # SigLIP processor of vision_tower/: mean = std = 0.5, rescale 1/255, bicubic, square size [V]
     ip = SiglipImageProcessor(size={"height": NVILA_IMAGE, "width": NVILA_IMAGE}, resample=3,
                               image_mean=[0.5] * 3, image_std=[0.5] * 3)

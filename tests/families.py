@@ -88,8 +88,8 @@ def _ids(tok, **names) -> dict[str, int]:
     return out
 
 
-# Chat templates, shortened from the family's Hub checkpoints (noted per template); they render the same prompt
-# text for user/assistant turns with text and image parts.
+# Chat templates of the text families, rewritten from the instruction-tuned Hub checkpoints of the family (noted
+# per template): same rendered prompt for user/assistant string turns; tool and system-prompt extras left out.
 CHATML = (  # Qwen2/2.5 Instruct (ChatML with the default system prompt)
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
     "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"

@@ -274,6 +274,10 @@ class ProbeRun:
         self.runner = BlockRunner(ckpt, self.device, self.dtype, residency=settings.resident,
                                   cache_dir=settings.cache_dir)
         self.anatomy = self.runner.anatomy
+        if settings.images and (self.anatomy.prefix or self.anatomy.vision_encoder is None):
+            why = ("its LLM is probed with text only, as in the published runs" if self.anatomy.prefix
+                   else "the model has no vision tower")
+            raise DowserError(f"{ckpt.where}: --images does not apply: {why}")
         n_layers = len(self.runner.layers)
         self.layers = parse_layers(settings.layers, n_layers)
         self.unscored: dict[str, str] = {}
@@ -365,7 +369,7 @@ class ProbeRun:
                 state.save(self.tokens, rec.psi, rec.a, 0)
         if s.images:
             self.images = image_probe(self.ckpt, self.tokens.shape[0], s.seed)
-        self._drop_unreachable()
+        self._trace_calls()
         batches = self.batches()
         self.update_weights = [float(r.stop - r.start) for _, r in batches]
         per_pass = self.batches_per_pass()
@@ -390,23 +394,37 @@ class ProbeRun:
         rec.unit_activation = {w.key for w in self.stem_weights if w.part == "projector"}
         return rec
 
-    def _drop_unreachable(self) -> None:
-        """Vision and projector weights whose output cannot reach the decoder (layers after the
-        selected feature layer, unused heads) are not scored: one stem forward and backward."""
-        if not self.stem_weights:
-            return
+    def _trace_calls(self) -> None:
+        """One stem forward (and backward, with images) on the first batch, before any statistics
+        (data-free):
+        - which decoder layers the model does not call for these probes (not scored);
+        - which tensor arguments of the decoder layers besides the hidden states the image reaches
+          (side inputs such as Mllama's cross-attention states): the reverse pass differentiates
+          through them too, so the weights that read them get sensitivities;
+        - which vision and projector weights cannot influence the output (layers after the selected
+          feature layer, unused heads): they are not scored, and the sidecar says why."""
+        self.side_inputs: dict[int, list] = {}
         inputs = self._inputs(slice(0, 1))
+        with torch.no_grad():  # also settles the one-off check of inter-layer terms before hooks record
+            calls = self.runner.capture(**inputs).calls
+        self._drop_uncalled(calls)
+        if self.images is None:
+            return
         outputs: dict[str, torch.Tensor] = {}
         modules = {w.module for w in self.stem_weights}
         hooks = [self.runner.model.get_submodule(m).register_forward_hook(
             lambda mod, inp, out, m=m: outputs.__setitem__(m, out)) for m in modules]
-        pixels = [v for v in inputs.values() if torch.is_tensor(v) and v.is_floating_point()]
         try:
             with torch.enable_grad():
-                for v in pixels:
-                    v.requires_grad_(True)
+                for v in inputs.values():
+                    if torch.is_tensor(v) and v.is_floating_point():
+                        v.requires_grad_(True)
                 cap = self.runner.capture(grad=True, **inputs)
-                ends = [cap.hidden] + [c.delta for c in cap.calls if c is not None and c.delta is not None]
+                for i, c in enumerate(cap.calls):
+                    keys = [k for k in (c.tensor_keys() if c is not None else []) if c.get(k).requires_grad]
+                    if keys:
+                        self.side_inputs[i] = keys
+                ends = [cap.hidden] + [t for _, t in self._stem_ends(cap)]
                 ends = [e for e in ends if e.requires_grad]
                 names = [m for m in modules if m in outputs and outputs[m].requires_grad]
                 grads = torch.autograd.grad(sum(e.float().sum() for e in ends), [outputs[m] for m in names],
@@ -424,6 +442,29 @@ class ProbeRun:
         dropped = {w.key for w in self.stem_weights} - {w.key for w in kept}
         self.stem_weights = kept
         self.weights = [w for w in self.weights if w.key not in dropped]
+
+    def _drop_uncalled(self, calls) -> None:
+        """Decoder layers the model does not call for these probes (Mllama's cross-attention layers
+        without images) cannot influence the output: their weights are not scored."""
+        for i, call in enumerate(calls):
+            if call is None and self.by_layer.get(i):
+                for w in self.by_layer[i]:
+                    self.unscored[w.key] = "the model does not call this layer for these probes (e.g. cross-attention without images)"
+                dropped = {w.key for w in self.by_layer[i]}
+                self.by_layer[i] = []
+                self.weights = [w for w in self.weights if w.key not in dropped]
+
+    def _stem_ends(self, cap) -> list[tuple[tuple, torch.Tensor]]:
+        """Where the stem's output enters the decoder besides the layer-0 hidden states, by position:
+        (('delta', i), term added after layer i) and (('side', i, key), side input of layer i)."""
+        ends = []
+        for i, c in enumerate(cap.calls):
+            if c is None:
+                continue
+            if c.delta is not None:
+                ends.append((("delta", i), c.delta))
+            ends += [(("side", i, k), c.get(k)) for k in self.side_inputs.get(i, [])]
+        return ends
 
     def batches_per_pass(self) -> int:
         """How many probe batches' layer inputs fit the activation budget at once (at least 1)."""
@@ -481,8 +522,9 @@ class ProbeRun:
                 store.drop(b, n_layers)
 
             # 4. backward, layer by layer in reverse; one recomputed forward per batch serves all M draws.
-            # A term the model adds after layer i (deepstack) gets the gradient at layer i+1's input.
-            term_grads = {b: {} for b, _ in batches}
+            # What the stem feeds in besides the layer-0 hidden states (a term added after layer i, a side
+            # input such as cross-attention states) gets its gradient here, for the stem's own backward.
+            end_grads = {b: {} for b, _ in batches}
             lowest = 0 if self.stem_weights else min(self.layers)
             with self._bar(n_layers - lowest, "backward") as bar:
                 for i, layer in runner.stream(reversed(range(lowest, n_layers))):
@@ -490,15 +532,11 @@ class ProbeRun:
                     with torch.enable_grad():
                         for b, _ in batches:
                             call = captured[b].calls[i]
-                            if call is not None and call.delta is not None and self.stem_weights:
-                                term_grads[b][i] = grads[b]
                             if call is not None:
-                                x = store.get(b, i).requires_grad_(True)
-                                y = captured[b].call(i, layer, x, runner.tuple_out)
-                                grads[b] = [
-                                    torch.autograd.grad(y, x, grads[b][d], retain_graph=d < s.draws - 1)[0]
-                                    for d in range(s.draws)
-                                ]
+                                if call.delta is not None:
+                                    end_grads[b][("delta", i)] = grads[b]
+                                grads[b] = self._layer_backward(i, layer, call, captured[b], store.get(b, i),
+                                                                grads[b], end_grads[b])
                             if by_layer[i]:
                                 rec.finish_update(by_layer[i])
                             store.drop(b, i)
@@ -508,11 +546,28 @@ class ProbeRun:
 
             # 5. the stem (vision tower, projector), recomputed with gradients into the pixels
             if self.stem_weights:
-                self._stem_stats(rec, batches, grads, term_grads)
+                self._stem_stats(rec, batches, grads, end_grads)
         finally:
             store.close()
 
-    def _stem_stats(self, rec: StatsRecorder, batches, grads, term_grads) -> None:
+    def _layer_backward(self, i, layer, call, captured, x, grads, end_grads) -> list[torch.Tensor]:
+        """The M draws' gradients at layer i's input, from those at its output: one recomputed forward,
+        gradients with respect to the input (and the layer's side inputs) only, never the weights."""
+        draws = self.s.draws
+        keys = self.side_inputs.get(i, [])
+        side = {k: call.get(k).detach().requires_grad_(True) for k in keys}
+        x = x.requires_grad_(True)
+        y = captured.call(i, layer, x, self.runner.tuple_out, side)
+        wrt = [x] + list(side.values())
+        out = []
+        for d in range(draws):
+            g = torch.autograd.grad(y, wrt, grads[d], retain_graph=d < draws - 1, allow_unused=True)
+            out.append(g[0])
+            for k, gk, t in zip(keys, g[1:], side.values()):
+                end_grads.setdefault(("side", i, k), [None] * draws)[d] = torch.zeros_like(t) if gk is None else gk
+        return out
+
+    def _stem_stats(self, rec: StatsRecorder, batches, grads, end_grads) -> None:
         s, runner = self.s, self.runner
         handles = rec.attach(self.stem_weights, runner.model)
         try:
@@ -521,8 +576,8 @@ class ProbeRun:
                 leaves = [v.requires_grad_(True) for v in inputs.values() if torch.is_tensor(v) and v.is_floating_point()]
                 with torch.enable_grad():
                     cap = runner.capture(grad=True, **inputs)
-                    ends = [(cap.hidden, grads[b])] + [
-                        (cap.calls[i].delta, g) for i, g in term_grads[b].items() if cap.calls[i].delta is not None]
+                    ends = [(cap.hidden, grads[b])] + [(t, end_grads[b][pos]) for pos, t in self._stem_ends(cap)
+                                                       if pos in end_grads[b]]
                     ends = [(e, g) for e, g in ends if e.requires_grad]
                     for d in range(s.draws):
                         torch.autograd.grad([e for e, _ in ends], leaves, [g[d] for _, g in ends],

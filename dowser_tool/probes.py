@@ -202,7 +202,7 @@ class ImageProbe:
 
     def _process(self, rows) -> dict:
         try:
-            out = self.processor(text=[self.prompt] * len(rows), images=[self.images[r] for r in rows],
+            out = self.processor(text=[self.prompt] * len(rows), images=[[self.images[r]] for r in rows],
                                  return_tensors="pt")
         except Exception as e:
             raise DowserError(f"{self.where}: the model's processor could not process a noise image "
@@ -212,6 +212,7 @@ class ImageProbe:
     def inputs(self, rows: slice, ids: torch.Tensor) -> dict:
         """Model inputs for probe rows `rows` whose text token ids are `ids` (B, T)."""
         out = self._process(list(range(rows.start, rows.stop)))
+        out.pop("labels", None)  # PaliGemma's processor adds training labels: the probe needs none
         n, extra = out["input_ids"].shape[1], ids.shape[1]
         for key, value in list(out.items()):
             if key == "input_ids" or not torch.is_tensor(value) or value.dim() < 2 or value.shape[1] != n:
@@ -227,16 +228,73 @@ class ImageProbe:
         return out
 
 
-def image_prompt(processor) -> str:
-    """The text that asks the processor for one image: its image token, wrapped in the tokens
-    that mark an image where the processor names them (Qwen-VL's vision start/end)."""
+def image_prompt(processor, config: dict) -> str | None:
+    """The text that asks the processor for one image: its `image_token`, between the model's
+    vision start/end tokens when its config names them (`vision_start_token_id`, Qwen-VL)."""
     token = getattr(processor, "image_token", None)
     if not isinstance(token, str):
         return None
-    start, end = getattr(processor, "vision_start_token", None), getattr(processor, "vision_end_token", None)
-    if isinstance(start, str) and isinstance(end, str):
-        return f"{start}{token}{end}"
+    start, end = config.get("vision_start_token_id"), config.get("vision_end_token_id")
+    tokenizer = getattr(processor, "tokenizer", None)
+    if isinstance(start, int) and isinstance(end, int) and tokenizer is not None:
+        return f"{tokenizer.convert_ids_to_tokens(start)}{token}{tokenizer.convert_ids_to_tokens(end)}"
     return token
+
+
+def load_processor(folder: str, where: str):
+    """`transformers.AutoProcessor` for a checkpoint folder.
+
+    A processor with a video part whose optional dependency is missing (transformers' video
+    processors need torchvision) is built for images only, from the checkpoint's own image
+    processor and tokenizer configs (`AutoImageProcessor`, `AutoTokenizer`) and its processor
+    class with the video slot left out. Raises DowserError (one line) for anything else.
+    """
+    import transformers
+    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+
+    try:
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
+    except ImportError as e:
+        missing = " ".join(str(e).split())[:200]
+        cls = _processor_class(folder)
+        if cls is None or "video_processor" not in cls.get_attributes():
+            raise DowserError(f"{where}: --images needs the model's processor, which needs a package that is not "
+                              f"installed ({missing})") from None
+    except Exception as e:
+        raise DowserError(f"{where}: --images needs the model's processor, which AutoProcessor cannot load "
+                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+    attributes = [a for a in cls.get_attributes() if a != "video_processor"]
+    image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: list(attributes))})
+    parts = {"image_processor": AutoImageProcessor.from_pretrained(folder, trust_remote_code=False),
+             "tokenizer": AutoTokenizer.from_pretrained(folder, trust_remote_code=False)}
+    if set(attributes) - set(parts):
+        raise DowserError(f"{where}: --images: {cls.__name__} needs {', '.join(attributes)}, and its video part "
+                          f"cannot load here ({missing})")
+    processor_dict, kwargs = cls.get_processor_dict(folder)
+    try:
+        return image_only.from_args_and_dict([parts[a] for a in attributes], processor_dict, **kwargs)
+    except ImportError as e:
+        raise DowserError(f"{where}: --images needs the model's processor, which needs a package that is not "
+                          f"installed ({(str(e).splitlines() or [''])[0][:200]})") from None
+
+
+def _processor_class(folder: str):
+    """The processor class a folder names (processor_config.json), else the one for its model_type."""
+    import transformers
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
+
+    path = Path(folder)
+    name = None
+    for fname in ("processor_config.json", "preprocessor_config.json"):
+        if (path / fname).is_file():
+            name = json.loads((path / fname).read_text()).get("processor_class") or name
+    if name is None and (path / "config.json").is_file():
+        name = PROCESSOR_MAPPING_NAMES.get(json.loads((path / "config.json").read_text()).get("model_type"))
+    try:  # a class whose module needs a missing package is a placeholder that raises ImportError on use
+        cls = getattr(transformers, name) if name else None
+        return cls if cls is not None and callable(getattr(cls, "get_attributes", None)) and cls.get_attributes() else None
+    except (AttributeError, ImportError):
+        return None
 
 
 _PROCESSOR_FILES = (".json", ".txt", ".model", ".jinja", ".tiktoken")
@@ -255,17 +313,12 @@ def image_probe(ckpt, count: int, seed: int) -> ImageProbe:
 
     Raises DowserError when the checkpoint ships no processor that handles images.
     """
-    from transformers import AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(str(_processor_folder(ckpt)))
-    except Exception as e:
-        raise DowserError(f"{ckpt.where}: --images needs the model's processor, which AutoProcessor cannot load "
-                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
-    prompt = image_prompt(processor)
+    processor = load_processor(str(_processor_folder(ckpt)), ckpt.where)
+    prompt = image_prompt(processor, ckpt.config or {})
     if prompt is None or getattr(processor, "image_processor", None) is None:
         raise DowserError(f"{ckpt.where}: --images needs a processor with an image processor and an image token; "
                           f"{type(processor).__name__} has none")
     vision = (ckpt.config or {}).get("vision_config") or {}
-    side = int(vision.get("image_size") or 224)
+    size = vision.get("image_size") or 224
+    side = int(max(size) if isinstance(size, (list, tuple)) else size)  # InternVL gives [height, width]
     return ImageProbe(processor, prompt, count, seed, side, ckpt.where)

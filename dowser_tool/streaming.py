@@ -77,11 +77,32 @@ class _Captured(Exception):
 class LayerCall:
     """How the model calls one decoder layer for one batch: positional arguments after the
     hidden states, keyword arguments, and the additive change (or None) the model makes to
-    the layer's output before the next layer sees it."""
+    the layer's output before the next layer sees it.
+
+    A *side input* is any other tensor argument the image reaches (Mllama's
+    `cross_attention_states`), named by its position in `args` (int) or its keyword (str)."""
 
     args: tuple
     kwargs: dict
     delta: torch.Tensor | None = None
+
+    def get(self, key):
+        return self.args[key] if isinstance(key, int) else self.kwargs[key]
+
+    def with_inputs(self, side: dict) -> tuple[tuple, dict]:
+        """(args, kwargs) with the side inputs in `side` ({key: tensor}) substituted."""
+        args, kwargs = list(self.args), dict(self.kwargs)
+        for key, value in side.items():
+            if isinstance(key, int):
+                args[key] = value
+            else:
+                kwargs[key] = value
+        return tuple(args), kwargs
+
+    def tensor_keys(self) -> list:
+        """Keys of every floating-point tensor argument besides the hidden states."""
+        keys = [i for i, a in enumerate(self.args) if torch.is_tensor(a) and a.is_floating_point()]
+        return keys + [k for k, v in self.kwargs.items() if torch.is_tensor(v) and v.is_floating_point()]
 
 
 @dataclass
@@ -91,12 +112,14 @@ class Captured:
     hidden: torch.Tensor | None
     calls: list[LayerCall | None] = field(default_factory=list)
 
-    def call(self, i: int, layer: nn.Module, hidden: torch.Tensor, tuple_out: bool) -> torch.Tensor:
-        """Layer i's output as the next layer sees it (the hidden states unchanged if not called)."""
+    def call(self, i: int, layer: nn.Module, hidden: torch.Tensor, tuple_out: bool, side: dict | None = None):
+        """Layer i's output as the next layer sees it (the hidden states unchanged if not called);
+        `side` substitutes side inputs ({key: tensor})."""
         c = self.calls[i]
         if c is None:
             return hidden
-        out = layer(hidden, *c.args, **c.kwargs)
+        args, kwargs = c.with_inputs(side) if side else (c.args, c.kwargs)
+        out = layer(hidden, *args, **kwargs)
         if tuple_out or isinstance(out, (tuple, list)):
             out = out[0]
         return out if c.delta is None else out + c.delta
@@ -435,7 +458,7 @@ class BlockRunner:
             self.tuple_out = True  # the loop indexed our tensor: it expects (hidden, ...) tuples
             return self.capture(grad, **inputs)
         deltas = self._deltas(seen, called, grad)
-        if any(d is not None for d in deltas.values()) and not self._checked_deltas:
+        if any(d is not None for d in deltas.values()) and not self._checked_deltas and not grad:
             again = self._deltas(self._record(inputs, shift=1.0), called)
             for i, d in deltas.items():
                 same = (d is None) == (again[i] is None) and (d is None or torch.allclose(d, again[i], rtol=1e-4, atol=1e-5))

@@ -33,7 +33,7 @@ from .errors import DowserError
 from .names import scored_names
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import PackedMask, SidecarData, default_sidecar_name, write_sidecar
+from .sidecar import OUTPUT_HEAD, PackedMask, SidecarData, default_sidecar_name, role_tensors, write_sidecar
 from .streaming import BlockRunner, trim_heap
 
 METHODS = ("dowser", "magnitude", "wanda", "random")
@@ -570,6 +570,10 @@ class ProbeRun:
             del W, score
             trim_heap()
         self.timings["mask_s"] = time.perf_counter() - t0
+        # The head's mask is stored under the tensor the head computes with (the embedding's name
+        # when tied): record its role, so merge and protect find the head whatever FT does with the tie.
+        head = role_tensors(self.ckpt.config, self.ckpt.tensor_names(), self.ckpt.where).head
+        roles = {head: OUTPUT_HEAD} if "lm_head" in s.include and head in masks else {}
         keep_stats = s.save_stats and bool(psi)
         ckpt_psi = {runner.checkpoint_name(n): v for n, v in psi.items()} if keep_stats else {}
         ckpt_a = {runner.checkpoint_name(n): v for n, v in a.items()} if keep_stats else {}
@@ -580,6 +584,7 @@ class ProbeRun:
             update_weights=w if keep_stats else None,
             probe_tokens=self.tokens,
             info=self.info(),
+            roles=roles,
         )
 
     def info(self) -> dict:

@@ -39,6 +39,14 @@ def assert_protected_equal(params: dict, before: dict, masks: dict, min_moved=0.
         assert (now[~mask] != then[~mask]).float().mean() > min_moved, f"{name}: trainable entries did not move"
 
 
+def plain_steps(model, opt):
+    """STEPS optimizer steps without a scheduler or clipping (what the optimizer alone does)."""
+    for batch in batches(96):
+        model(**batch).loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
 # ---- 5. LoRA inits that rewrite the base layer; changed() checks the effective weight ------------
 def lora(model_dir, init=True):
     pytest.importorskip("peft")
@@ -143,10 +151,7 @@ def test_6_schedule_free_eval_keeps_protected_entries(llava_dir, sidecar):
     opt = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-2, weight_decay=0.1, warmup_steps=1)
     handle = protect(model, sidecar, optimizer=opt)
     opt.train()
-    for batch in batches(96):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    plain_steps(model, opt)
     params = dict(model.named_parameters())
     masks = in_memory_masks(sidecar, llava_dir)
     for name, mask in masks.items():  # z is a weight sequence: set, not zeroed; exp_avg_sq is zeroed
@@ -165,10 +170,7 @@ def test_6_eight_bit_adamw_state_is_left_alone_and_entries_stay(llava_dir, sidec
     before = snapshot(model)
     opt = bnb.optim.AdamW8bit(model.parameters(), lr=1e-2, weight_decay=0.1, min_8bit_size=1)
     handle = protect(model, sidecar, optimizer=opt)
-    for batch in batches(96):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    plain_steps(model, opt)
     params = dict(model.named_parameters())
     masks = in_memory_masks(sidecar, llava_dir)
     assert all(opt.state[params[n]]["state1"].dtype == torch.uint8 for n in masks)  # really 8-bit state
@@ -194,10 +196,7 @@ def test_6_unknown_optimizers_follow_the_documented_rule(llava_dir, sidecar):
     before = snapshot(model)
     opt = Averaging(model.parameters(), lr=0.5, momentum=0.9)
     handle = protect(model, sidecar, optimizer=opt)
-    for batch in batches(96):
-        model(**batch).loss.backward()
-        opt.step()
-        opt.zero_grad()
+    plain_steps(model, opt)
     params = dict(model.named_parameters())
     masks = in_memory_masks(sidecar, llava_dir)
     assert handle.changed() == []

@@ -31,10 +31,9 @@ from .safetensors_format import (
     tensor_from_bytes,
 )
 
-SAFETENSORS_FILES = ("model.safetensors", "adapter_model.safetensors")
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-PICKLE_FILES = ("pytorch_model.bin", "adapter_model.bin")
 PICKLE_INDEX = "pytorch_model.bin.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
 # Ranges closer than this are fetched in one request (the gap is cheaper than a round trip).
 COALESCE_GAP = 1 << 20
 _FIRST_READ = 1 << 16  # most headers fit; one request gives header length, header and file size
@@ -191,6 +190,7 @@ class Checkpoint:
         self.is_remote = isinstance(files, _HubFiles)
         self._files = files
         self._handles: dict[str, object] = {}  # loaded pickles (memory-mapped), by file
+        self.index: str | None = None  # the index file the weights were found through, if any
         self.config: dict | None = self._json("config.json")
         self.weight_files, self._refs = self._index_weights(allow_pickle)
 
@@ -298,49 +298,78 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise DowserError(f"{self.where}/{name}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
-    def _index_weights(self, allow_pickle: bool):
+    def _weight_source(self) -> tuple[str, bool] | None:
+        """The file transformers (or peft, for an adapter folder) would load, and whether it is an index.
+
+        transformers 5 (`modeling_utils._get_resolved_checkpoint_files`): model.safetensors, then
+        model.safetensors.index.json, then pytorch_model.bin, then its index; peft reads
+        adapter_model.safetensors, then adapter_model.bin. A folder holding both an adapter and full
+        model weights is refused: which one a user means cannot be told from the files.
+        """
         f = self._files
-        if f.exists(SAFETENSORS_INDEX):
-            shard_files = self._shards_from_index(SAFETENSORS_INDEX)
+        model = [(n, n.endswith(".json")) for n in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin",
+                                                     PICKLE_INDEX) if f.exists(n)]
+        adapter = [(n, False) for n in ("adapter_model.safetensors", "adapter_model.bin") if f.exists(n)]
+        if f.exists(ADAPTER_CONFIG) and model:
+            raise DowserError(
+                f"{self.where}: holds both a LoRA adapter ({ADAPTER_CONFIG}) and full model weights ({model[0][0]}); "
+                "keep one of them in the folder"
+            )
+        found = model or adapter
+        return found[0] if found else None
+
+    def _index_weights(self, allow_pickle: bool):
+        source = self._weight_source()
+        if source is None:
+            raise DowserError(
+                f"{self.where}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
+                "adapter_model.safetensors or pytorch_model.bin)"
+            )
+        name, is_index = source
+        self.index = name if is_index else None
+        weight_map = self._weight_map(name) if is_index else None
+        files = sorted(set(weight_map.values())) if is_index else [name]
+        refs: dict[str, TensorRef] = {}
+        if not name.endswith((".bin", PICKLE_INDEX)):
+            for shard in files:
+                for tensor, entry in self._files.header(shard).tensors.items():
+                    if tensor in refs:
+                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[tensor].file} and {shard}")
+                    refs[tensor] = TensorRef(shard, entry)
         else:
-            shard_files = [n for n in SAFETENSORS_FILES if f.exists(n)][:1]
-        if shard_files:
-            refs: dict[str, TensorRef] = {}
-            for shard in shard_files:
-                for name, entry in f.header(shard).tensors.items():
-                    if name in refs:
-                        raise DowserError(f"{self.where}: tensor {name!r} appears in {refs[name].file} and {shard}")
-                    refs[name] = TensorRef(shard, entry)
-            return shard_files, refs
-        pickles = self._shards_from_index(PICKLE_INDEX) if f.exists(PICKLE_INDEX) else [
-            n for n in PICKLE_FILES if f.exists(n)
-        ][:1]
-        if pickles:
             if not allow_pickle:
                 raise DowserError(
-                    f"{self.where}: weights are PyTorch pickles ({pickles[0]}), which can run code when loaded; "
+                    f"{self.where}: weights are PyTorch pickles ({files[0]}), which can run code when loaded; "
                     "convert them to safetensors or pass --allow-pickle to load them with weights_only=True"
                 )
-            refs = {}
-            for shard in pickles:
-                for name in self._pickled(shard):
-                    refs[name] = TensorRef(shard, None)
-            return pickles, refs
-        raise DowserError(
-            f"{self.where}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
-            "adapter_model.safetensors or pytorch_model.bin)"
-        )
+            for shard in files:
+                for tensor in self._pickled(shard):
+                    if tensor in refs:
+                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[tensor].file} and {shard}")
+                    refs[tensor] = TensorRef(shard, None)
+        if weight_map is not None:
+            self._check_index(name, weight_map, refs)
+        return files, refs
 
-    def _shards_from_index(self, index_name: str) -> list[str]:
+    def _check_index(self, index_name: str, weight_map: dict, refs: dict[str, TensorRef]) -> None:
+        """The index must name exactly the tensors the shards hold, each in its own shard."""
+        for tensor in sorted(set(weight_map) | set(refs)):
+            listed, held = weight_map.get(tensor), refs[tensor].file if tensor in refs else None
+            if listed != held:
+                problem = (f"lists {tensor!r} in {listed}, which does not hold it" if held is None else
+                           f"does not list {tensor!r}, which {held} holds" if listed is None else
+                           f"lists {tensor!r} in {listed}, but {held} holds it")
+                raise DowserError(f"{self.where}/{index_name}: {problem}; the index and its shards disagree")
+
+    def _weight_map(self, index_name: str) -> dict[str, str]:
         index = self._json(index_name)
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise DowserError(f"{self.where}/{index_name}: no weight_map")
-        shards = sorted(set(weight_map.values()))
-        for shard in shards:
+        for shard in sorted(set(weight_map.values())):
             if not self._files.exists(shard):
                 raise DowserError(f"{self.where}/{index_name}: names shard {shard!r}, which is missing")
-        return shards
+        return weight_map
 
     def _pickled(self, file: str) -> dict:
         if file not in self._handles:
@@ -352,6 +381,20 @@ class Checkpoint:
                 raise DowserError(f"{self.where}/{file}: pickle does not hold a state dict")
             self._handles[file] = sd
         return self._handles[file]
+
+
+# A dtype's bits as an integer type of the same width (bitwise comparison and selection).
+SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype == torch.bool:
+        return torch.equal(a, b)
+    as_int = SAME_SIZE_INT[a.element_size()]
+    return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 
 def _coalesce(entries: list[TensorEntry], gap: int = COALESCE_GAP):

@@ -9,8 +9,13 @@ with keys `base_model.model.<module>.lora_A.weight` (r, in) and `lora_B.weight`
 with scale = alpha / r, or alpha / sqrt(r) for rank-stabilised LoRA, where r and
 alpha may be overridden per module by `rank_pattern` / `alpha_pattern`. As in
 PEFT, the delta is computed in float32 and added in the weight's own dtype.
-Other adapter tensors (modules_to_save, saved embeddings) replace the base
-tensor whole.
+Other adapter tensors (`modules_to_save` copies) replace the base tensor whole.
+A LoRA-adapted embedding may come with its own base layer
+(`<module>.base_layer.weight`, which PEFT saves when embeddings are targeted,
+resized or not): the update is added to that stored layer, as `merge_and_unload`
+does in the model the adapter was saved from. Adapters whose initialisation
+rewrote the base layer (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) hold an update
+relative to a residual, not to BASE, and are refused unless PEFT converted them.
 """
 
 from __future__ import annotations
@@ -22,11 +27,59 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import Checkpoint
+from .checkpoint import ADAPTER_CONFIG, Checkpoint, same_bits
 from .errors import DowserError
 from .names import Architecture, canonical_name, lora_target
 
-ADAPTER_CONFIG = "adapter_config.json"
+# `init_lora_weights` values that leave the base layer as it was loaded (peft/tuners/lora/layer.py,
+# `LoraLayer.update_layer`): True and "gaussian" zero B; "eva" and "mica" zero one factor;
+# "orthogonal" makes B @ A vanish; False is random A and B on an untouched base. Every other
+# value ("pissa", "pissa_niter_N", "olora", "corda", "loftq", "lora_ga", and any later one)
+# replaces the base weight by a residual W - scale * B0 @ A0, so "base + update" is not BASE + update.
+BASE_PRESERVING_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def init_moves_base(init) -> bool:
+    """Whether a LoRA `init_lora_weights` value rewrites the base layer (or is unknown, so might)."""
+    if isinstance(init, bool):
+        return False
+    return not (isinstance(init, str) and init.lower() in BASE_PRESERVING_INITS)
+
+
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.([^.]+)\.")
+_WRAPPER = "base_model.model."
+
+
+def peft_fold(name: str, saved: bool = False) -> tuple[str, str | None]:
+    """Undo PEFT's renaming of one parameter or adapter key: THE place for these rules.
+
+    PEFT renames in four ways (peft/tuners/tuners_utils.py, peft/utils/other.py
+    `ModulesToSaveWrapper`, peft/utils/save_and_load.py):
+    - `base_model.model.` in front of every name of a `PeftModel` (and of saved keys);
+    - `<module>.base_layer.<param>`: the wrapped original layer of a LoRA module;
+    - `<module>.modules_to_save.<adapter>.<param>`: the trainable copy of a module listed in
+      `modules_to_save`; saved adapter files (`saved=True`) drop the adapter name, and usually the
+      whole `modules_to_save.<adapter>.`;
+    - `<module>.original_module.<param>`: the frozen original kept beside that copy.
+    Returns (the name as the unwrapped model spells it, which copy it is: "base_layer",
+    "modules_to_save:<adapter>" ("modules_to_save" when saved), "original_module", or None for a
+    plain name). Architecture layouts (LLaVA's legacy keys, ...) are folded afterwards by
+    `names.canonical_name`.
+    """
+    copy = None
+    if name.startswith(_WRAPPER):
+        name = name[len(_WRAPPER) :]
+    m = None if saved else _MODULES_TO_SAVE.search(name)
+    if m:
+        copy = f"modules_to_save:{m.group(1)}"
+        name = name[: m.start()] + "." + name[m.end() :]
+    elif saved and ".modules_to_save." in name:
+        copy, name = "modules_to_save", name.replace(".modules_to_save.", ".", 1)
+    elif ".original_module." in name:
+        copy, name = "original_module", name.replace(".original_module.", ".", 1)
+    elif ".base_layer." in name:
+        copy, name = "base_layer", name.replace(".base_layer.", ".", 1)
+    return name, copy
 
 
 def is_adapter(ckpt: Checkpoint) -> bool:
@@ -69,6 +122,13 @@ class LoraAdapter:
             r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
         except (KeyError, TypeError, ValueError):
             raise DowserError(f"{where}: needs an integer 'r' and a numeric 'lora_alpha'") from None
+        init = cfg.get("init_lora_weights", True)
+        if init_moves_base(init):
+            raise DowserError(
+                f"{where}: init_lora_weights {init!r} rewrote the base layer before training, so this adapter "
+                "does not apply to BASE; save it with peft's path_initial_model_for_weight_conversion, or merge it "
+                "with peft (merge_and_unload) and pass the merged model"
+            )
         self.config = cfg
         self.base_model = cfg.get("base_model_name_or_path")
         rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
@@ -77,13 +137,23 @@ class LoraAdapter:
         parts: dict[str, dict[str, str]] = {}
         modules: dict[str, str] = {}
         self.replacements: dict[str, str] = {}  # canonical -> adapter tensor replacing it whole
+        self.stored_base: dict[str, str] = {}  # canonical -> the base layer saved with the adapter
         for key in ckpt.tensor_names():
             if "lora_magnitude_vector" in key:
                 raise DowserError(f"{ckpt.where}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
             hit = lora_target(key, arch)
             if hit is None:
-                plain = key.replace(".modules_to_save.", ".").replace(".original_module.", ".")
-                self.replacements[canonical_name(plain, arch)] = key
+                plain, copy = peft_fold(key, saved=True)
+                if copy == "original_module":
+                    continue  # the frozen original beside a modules_to_save copy: not what the model uses
+                held = self.stored_base if copy == "base_layer" else self.replacements
+                canon = canonical_name(plain, arch)
+                # PEFT may save one copy under two keys (`m.weight` and `m.modules_to_save.weight` when
+                # embeddings are saved): fine when equal; never pick one of two values by file order.
+                if canon in held and not same_bits(ckpt.read(held[canon]), ckpt.read(key)):
+                    raise DowserError(f"{ckpt.where}: {held[canon]!r} and {key!r} both hold {canon!r}, "
+                                      "with different values")
+                held.setdefault(canon, key)
                 continue
             canon, part, module = hit
             if part in parts.setdefault(canon, {}):
@@ -105,22 +175,35 @@ class LoraAdapter:
                 )
             scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
             self.pairs[canon] = LoraPair(a, b, scale, transpose=embedding or fan_in_fan_out)
-        both = set(self.pairs) & set(self.replacements)
+        both = set(self.pairs) & set(self.replacements)  # (a stored base layer is what the LoRA adds to)
         if both:
             raise DowserError(f"{ckpt.where}: {sorted(both)[0]!r} is both LoRA-adapted and replaced whole")
+        for canon in [c for c in self.stored_base if c not in self.pairs]:  # a base layer without LoRA: its value
+            self.replacements[canon] = self.stored_base.pop(canon)
+
+    def output_shape(self, canonical: str, base_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the adapter gives one base tensor (a saved base layer or copy may be resized)."""
+        key = self.replacements.get(canonical) or self.stored_base.get(canonical)
+        return tuple(self.ckpt.shape(key)) if key else tuple(base_shape)
 
     def check_shape(self, canonical: str, base_shape: tuple[int, ...]) -> None:
         """Refuse an adapter whose update does not fit the base weight, before anything is written."""
+        own = self.output_shape(canonical, base_shape)
+        if own[1:] != tuple(base_shape)[1:] or len(own) != len(base_shape):
+            raise DowserError(
+                f"{self.ckpt.where}: the adapter stores {canonical!r} with shape {list(own)}, the base weight has "
+                f"{list(base_shape)}: only the number of rows (the vocabulary) may differ"
+            )
         pair = self.pairs.get(canonical)
         if pair is None:
             return
         shape = (self.ckpt.shape(pair.b)[0], self.ckpt.shape(pair.a)[1])
         if pair.transpose:
             shape = shape[::-1]
-        if shape != tuple(base_shape):
+        if shape != own:
             raise DowserError(
                 f"{self.ckpt.where}: the adapter's update of {canonical!r} has shape {list(shape)}, "
-                f"the base weight {list(base_shape)}: is this adapter for this base model?"
+                f"the base weight {list(own)}: is this adapter for this base model?"
             )
 
     def touches(self, canonical: str) -> bool:
@@ -133,6 +216,8 @@ class LoraAdapter:
         pair = self.pairs.get(canonical)
         if pair is None:
             return weight
+        if canonical in self.stored_base:
+            weight = self.ckpt.read(self.stored_base[canonical])
         ab = self.ckpt.read_many([pair.a, pair.b])
         delta = ab[pair.b].float() @ ab[pair.a].float()
         if pair.transpose:

@@ -30,13 +30,15 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .checkpoint import SAFETENSORS_INDEX, Checkpoint, open_checkpoint
+from .checkpoint import (
+    ADAPTER_CONFIG, SAME_SIZE_INT, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint, same_bits,
+)
 from .errors import DowserError
 from .lora_merge import LoraAdapter, is_adapter
 from .names import NameMap, architecture_for, canonical_name, ties_embeddings
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, StreamingWriter, itemsize
-from .sidecar import Sidecar
+from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, role_tensors
 from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
@@ -48,10 +50,9 @@ OUTPUT_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": 
 REPAIR_RECORD = "dowser_repair.json"
 # Non-weight files copied from FT (top level only: repos may hold e.g. original/*.pth).
 _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken", ".py")
-_NOT_COPIED = {SAFETENSORS_INDEX, "pytorch_model.bin.index.json", "adapter_config.json", REPAIR_RECORD}
+_NOT_COPIED = {SAFETENSORS_INDEX, PICKLE_INDEX, ADAPTER_CONFIG, REPAIR_RECORD}
 # Tensors prepared ahead of the writer, and threads preparing them: a few tensors in memory at most.
 WORKERS, LOOKAHEAD = 2, 2
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def warn(message: str) -> None:
@@ -212,8 +213,8 @@ class Merge:
             st = TORCH_TO_ST[self.src.dtype(name)]
             canon = self.src_map.to_canonical(name)
             shape = tuple(self.src.shape(name))
-            if self.adapter and canon in self.adapter.replacements:
-                shape = tuple(self.ft.shape(self.adapter.replacements[canon]))
+            if self.adapter:
+                shape = self.adapter.output_shape(canon, shape)
             dtype = self.out_dtype if self.out_dtype and st in FLOAT_DTYPES else st
             items[name] = Item(name, dtype, shape, adapted=bool(self.adapter and self.adapter.touches(canon)))
         if self.adapter:
@@ -224,27 +225,62 @@ class Merge:
                     raise DowserError(f"{self.ft.where}: the adapter changes {canon!r}, which BASE ties to "
                                       f"{self.base_map.tied_alias[canon]!r}; untie it first")
                 self.adapter.check_shape(canon, tuple(self.base.shape(self.base_map.to_checkpoint(canon))))
+        base_roles = role_tensors(self.base.config, self.base.tensor_names(), f"{self.base.where}/config.json")
+        src_roles = self._role_targets()
         for mask_name in self.sidecar.names:
             canon = canonical_name(mask_name, self.arch)
+            role = self.sidecar.roles.get(mask_name)
             if canon not in self.base_map:
                 self._refuse(f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have")
                 continue
             base_name = self.base_map.to_checkpoint(canon)
+            if role and base_roles.of(role) != base_name:
+                raise DowserError(f"{self.sidecar.path}: {mask_name!r} is recorded as the mask of the {role}, but "
+                                  f"BASE's {role} is {base_roles.of(role)!r}: was it probed on another model?")
             mask_shape, base_shape = self.sidecar.shapes[mask_name], tuple(self.base.shape(base_name))
             if mask_shape != base_shape:
                 self._refuse(f"{self.sidecar.path}: {mask_name!r} has shape {list(mask_shape)} in the mask "
                              f"but {list(base_shape)} in BASE")
                 continue
-            if canon not in self.src_map:
+            if role:
+                targets = src_roles[role]  # the tensor(s) playing that role in FT, whatever their names
+                if not targets:
+                    raise DowserError(f"{self.ft.where}: has no {role.replace('_', ' ')}, which {mask_name!r} masks")
+            elif canon in self.src_map:
+                targets = [self.src_map.to_checkpoint(canon)]
+            else:
                 raise DowserError(f"{self.ft.where}: has no tensor for {mask_name!r}, which the mask covers")
-            item = items[self.src_map.to_checkpoint(canon)]
-            if item.base_name not in (None, base_name):
-                raise DowserError(f"{mask_name!r} and {item.mask_names[0]!r} restore one fine-tuned tensor "
-                                  f"{item.name!r} from different BASE tensors")
-            self._check_shapes(item, base_shape)
-            item.base_name = base_name
-            item.mask_names.append(mask_name)
+            for target in targets:
+                item = items[target]
+                if item.base_name not in (None, base_name):
+                    raise DowserError(f"{mask_name!r} and {item.mask_names[0]!r} restore one fine-tuned tensor "
+                                      f"{item.name!r} from different BASE tensors")
+                self._check_shapes(item, base_shape)
+                item.base_name = base_name
+                item.mask_names.append(mask_name)
         return items
+
+    def _role_targets(self) -> dict[str, list[str]]:
+        """The source tensors that play each role (OUTPUT_HEAD, INPUT_EMBEDDING) in the model FT loads as.
+
+        transformers 5 ties the head to the embedding when the config says so, unless both are stored
+        with different values: then it loads them untied (and warns). A head stored bit-equal to a
+        tied embedding is one tensor under two names, so both names take both roles' masks and stay
+        equal. A config that unties a head it does not store cannot load: refused.
+        """
+        where = self.src.where
+        config = self.base.config if self.adapter else self.src.config
+        roles = role_tensors(config, self.src.tensor_names(), f"{where}/config.json")
+        self.out_roles = roles
+        if roles.head is None and roles.embedding is not None:
+            raise DowserError(f"{where}/config.json: tie_word_embeddings is false, but the checkpoint stores no "
+                              "output head; the config and the tensors disagree")
+        head, embed = [roles.head] if roles.head else [], [roles.embedding] if roles.embedding else []
+        self.shared_head = bool(roles.tied and head and embed and head != embed
+                                and same_bits(self.src.read(head[0]), self.src.read(embed[0])))
+        if self.shared_head:
+            head = embed = [embed[0], head[0]]
+        return {OUTPUT_HEAD: head, INPUT_EMBEDDING: embed}
 
     def _check_shapes(self, item: Item, base_shape: tuple[int, ...]) -> None:
         if item.shape == base_shape:
@@ -403,17 +439,13 @@ class Merge:
         return meta
 
     def _write_index(self, tmp: Path) -> None:
-        sharded = len(self.layout) > 1 or (self.shard_size is None and self._src_has_index())
+        sharded = len(self.layout) > 1 or (self.shard_size is None and self.src.index is not None)
         if not sharded:
             return
         weight_map = {n: file for file, names in self.layout for n in names}
         total = sum(item.nbytes for item in self.items.values())
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    def _src_has_index(self) -> bool:
-        files = set(self.src.files())
-        return SAFETENSORS_INDEX in files or "pytorch_model.bin.index.json" in files
 
     def _copy_files(self, tmp: Path) -> None:
         """Config, generation config, tokenizer and processor files: FT's (over BASE's for an adapter)."""
@@ -422,22 +454,40 @@ class Merge:
             for name in ckpt.files():
                 if "/" in name or name in _NOT_COPIED or not name.endswith(_COPIED_SUFFIXES):
                     continue
-                if self.adapter and ckpt is self.ft and name == "README.md":
-                    continue  # the adapter's model card describes the adapter, not this model
+                if self.adapter and ckpt is self.ft and name in ("README.md", "config.json"):
+                    continue  # the adapter's model card and config describe the adapter, not this model
                 shutil.copyfile(ckpt.file_path(name), tmp / name)
-        if self.out_dtype:
-            self._set_config_dtype(tmp / "config.json")
+        if (tmp / "config.json").is_file():
+            self._describe_output(tmp / "config.json")
 
-    def _set_config_dtype(self, path: Path) -> None:
-        if not path.is_file():
-            return
+    def _describe_output(self, path: Path) -> None:
+        """Make the copied config describe the tensors written, so the output loads wherever the
+        inputs did: vocabulary size (an adapter's resized embedding), tie flag (a head that no longer
+        equals the embedding), dtype (--dtype, or tensors stored in another dtype than the config says)."""
         config = json.loads(path.read_text())
-        name = str(DTYPES[self.out_dtype]).removeprefix("torch.")
-        for sub in [config] + [v for v in config.values() if isinstance(v, dict)]:
-            for key in ("dtype", "torch_dtype"):
-                if key in sub:
-                    sub[key] = name
-        path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        before = json.dumps(config, sort_keys=True)
+        text = config.get(self.arch.text_config_key, config) if self.arch.text_config_key else config
+        roles = self.out_roles
+        embed = self.items.get(roles.embedding) if roles.embedding else None
+        if embed is not None and embed.shape and text.get("vocab_size") != embed.shape[0]:
+            text["vocab_size"] = embed.shape[0]
+        if roles.head and roles.embedding and roles.head != roles.embedding:
+            # Both written: tied only if they are still one value (FT stored them equal and nothing
+            # the adapter changed makes them differ); transformers 5 unties differing ones anyway.
+            adapted = self.adapter and (self.items[roles.head].adapted or self.items[roles.embedding].adapted)
+            tied = self.shared_head and not adapted
+            for sub in (config, text):
+                if "tie_word_embeddings" in sub or sub is config:
+                    sub["tie_word_embeddings"] = tied
+        floats = {item.dtype for item in self.items.values() if item.dtype in FLOAT_DTYPES}
+        if len(floats) == 1:
+            name = str(DTYPES[floats.pop()]).removeprefix("torch.")
+            for sub in [config] + [v for v in config.values() if isinstance(v, dict)]:
+                for key in ("dtype", "torch_dtype"):
+                    if key in sub:
+                        sub[key] = name
+        if json.dumps(config, sort_keys=True) != before:
+            path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     def _write_record(self, tmp: Path, summary: MergeSummary) -> None:
         def ckpt_record(ckpt: Checkpoint) -> dict:
@@ -495,7 +545,7 @@ def _in_order(pool: ThreadPoolExecutor, fn, items):
 
 def _select_bits(mask: torch.Tensor, base: torch.Tensor, ft: torch.Tensor) -> torch.Tensor:
     """where(mask, base, ft) on the raw bits, so every value (NaN payloads, -0.0) is copied exactly."""
-    as_int = _SAME_SIZE_INT[base.element_size()]
+    as_int = SAME_SIZE_INT[base.element_size()]
     out = torch.where(mask, base.contiguous().view(as_int), ft.contiguous().view(as_int))
     return out.view(base.dtype)
 

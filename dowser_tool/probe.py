@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import DowserError
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import PackedMask, SidecarData, default_sidecar_name, write_sidecar
+from .sidecar import OUTPUT_HEAD, PackedMask, SidecarData, default_sidecar_name, write_sidecar
 from .statistics import StatsRecorder
 from .streaming import BlockRunner, trim_heap
 
@@ -651,6 +651,9 @@ class ProbeRun:
             del W, score
             trim_heap()
         self.timings["mask_s"] = time.perf_counter() - t0
+        # The head's mask is stored under the tensor the head computes with (the embedding's name
+        # when tied): record its role, so merge and protect find the head whatever FT does with the tie.
+        roles = {x.key: OUTPUT_HEAD for x in self.head_weights}
         keep_stats = s.save_stats and bool(psi)
         return SidecarData(
             masks=masks,
@@ -659,6 +662,7 @@ class ProbeRun:
             update_weights=w if keep_stats else None,
             probe_tokens=self.tokens,
             info=self.info(),
+            roles=roles,
         )
 
     def info(self) -> dict:
@@ -675,7 +679,6 @@ class ProbeRun:
             "layers": self.layers,
             "include": sorted(s.include),
             "tensor_info": {x.key: _tensor_info(x) for x in self.weights},
-            "roles": {x.key: "output_head" for x in self.head_weights},
             "unscored": dict(sorted(self.unscored.items())),
             "probe": {
                 "count": None if self.tokens is None else int(self.tokens.shape[0]),

@@ -7,7 +7,9 @@ A plain safetensors file:
 - optional statistics: `psi/<name>` F32 (U, out), `a/<name>` F32 (U, in), and
   `stats/update_weights` F32 (U,); score = |W| (.) Psi^T diag(w) A / sum(w).
 - optional `probe/token_ids` I64 (K, T): the probe sequences used.
-- string metadata: format, format_version, provenance and settings (JSON values).
+- string metadata: format, format_version, provenance and settings (JSON values),
+  and (version 2) `roles`: which masks belong to the output head or input
+  embedding, since a tied head is stored under the embedding's name.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from .safetensors_format import TORCH_TO_ST, StreamingWriter, read_header
 from .scoring import cut_mask, score_matrix, validate_ratio
 
 FORMAT_NAME = "dowser-mask"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: adds the `roles` metadata; version 1 files are still read (roles inferred)
 SUFFIX = ".dowser.safetensors"
+OUTPUT_HEAD, INPUT_EMBEDDING = "output_head", "input_embedding"
+ROLES = (OUTPUT_HEAD, INPUT_EMBEDDING)
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -82,6 +86,42 @@ class SidecarData:
     update_weights: torch.Tensor | None = None
     probe_tokens: torch.Tensor | None = None
     info: dict = field(default_factory=dict)  # provenance and settings (JSON-able values)
+    roles: dict[str, str] = field(default_factory=dict)  # mask name -> OUTPUT_HEAD or INPUT_EMBEDDING
+
+
+@dataclass(frozen=True)
+class RoleTensors:
+    """Which tensor of one checkpoint (or model) plays each role, by its own name (None: absent).
+
+    `head` is the tensor the output head computes with: the stored head, or the embedding
+    when the head is tied and not stored. `tied` is what the config says.
+    """
+
+    embedding: str | None
+    head: str | None
+    tied: bool
+
+    def of(self, role: str) -> str | None:
+        return self.head if role == OUTPUT_HEAD else self.embedding
+
+
+def role_tensors(config: dict, names, where: str = "config.json") -> RoleTensors:
+    """Which of `names` (checkpoint tensor names, or a model's parameter names with PEFT's
+    renaming undone) are the input embedding and the output head, for a transformers `config`
+    dict. Raises DowserError for an architecture names.py does not know.
+
+    The one place that decides roles: to be replaced by the model-anatomy module, which reads
+    them from the transformers class (`get_input_embeddings`, `get_output_embeddings`,
+    `_tied_weights_keys`) instead of the per-family table.
+    """
+    from .names import architecture_for, canonical_name, ties_embeddings
+
+    arch = architecture_for(config, where)
+    by_canonical = {canonical_name(n, arch): n for n in names}
+    embedding = by_canonical.get(f"{arch.embed}.weight")
+    head = by_canonical.get(f"{arch.head}.weight")
+    tied = ties_embeddings(config, arch)
+    return RoleTensors(embedding, head if head is not None or not tied else embedding, tied)
 
 
 def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
@@ -109,6 +149,7 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
         "tool_version": __version__,
         "tensors": json.dumps(shapes, sort_keys=True),
         "has_stats": json.dumps(bool(data.psi)),
+        "roles": json.dumps(_checked_roles(data.roles, data.masks, str(path)), sort_keys=True),
     }
     for key, value in sorted(data.info.items()):
         meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
@@ -121,8 +162,24 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     return path
 
 
+def _checked_roles(roles, names, where: str) -> dict[str, str]:
+    if not isinstance(roles, dict):
+        raise DowserError(f"{where}: roles must be a JSON object {{mask name: role}}")
+    for name, role in roles.items():
+        if name not in names:
+            raise DowserError(f"{where}: roles names {name!r}, which has no mask")
+        if role not in ROLES:
+            raise DowserError(f"{where}: role {role!r} of {name!r} is not one of {', '.join(ROLES)}")
+    return dict(roles)
+
+
 class Sidecar:
-    """A sidecar opened for reading; tensors are read lazily (memory-mapped)."""
+    """A sidecar opened for reading; tensors are read lazily (memory-mapped).
+
+    `roles` maps each mask of the output head or input embedding to its role (OUTPUT_HEAD,
+    INPUT_EMBEDDING): recorded by version 2 writers, inferred for version 1 files (see
+    `_inferred_roles`). Masks of other weights have no role and are matched by name.
+    """
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -154,6 +211,29 @@ class Sidecar:
                 raise DowserError(f"{where}: mask of {name!r} is missing or has the wrong size for shape {list(shape)}")
         self.has_stats = bool(self.metadata.get("has_stats")) and "stats/update_weights" in header.tensors
         self._keys = set(header.tensors)
+        self.version = version
+        recorded = _checked_roles(self.metadata.get("roles", {}), self.shapes, where) if version >= 2 else {}
+        self.roles = {**self._inferred_roles(), **recorded}
+
+    def _inferred_roles(self) -> dict[str, str]:
+        """Roles told by names alone: a mask on the head is the head's; one on the input embedding
+        is the embedding's, except in version 1 files probed with `--include lm_head`: the probe never
+        scores the input embedding, so there it is a tied head stored under the embedding's name."""
+        from .names import architecture_for, canonical_name
+
+        try:
+            arch = architecture_for({"model_type": self.metadata.get("architecture")})
+        except DowserError:
+            return {}  # a family names.py does not know: no roles by name
+        tied_head = self.version < 2 and "lm_head" in (self.metadata.get("include") or [])
+        roles = {}
+        for name in self.shapes:
+            canon = canonical_name(name, arch)
+            if canon == f"{arch.head}.weight":
+                roles[name] = OUTPUT_HEAD
+            elif canon == f"{arch.embed}.weight":
+                roles[name] = OUTPUT_HEAD if tied_head else INPUT_EMBEDDING
+        return roles
 
     @property
     def names(self) -> list[str]:
@@ -191,11 +271,11 @@ class Sidecar:
         return cut_mask(score_matrix(weight, psi, a, w), update_ratio)
 
     def read_all(self) -> SidecarData:
-        data = SidecarData(masks=self.masks(), probe_tokens=self.probe_tokens())
+        data = SidecarData(masks=self.masks(), probe_tokens=self.probe_tokens(), roles=dict(self.roles))
         if self.has_stats:
             for n in self.names:
                 data.psi[n], data.a[n], data.update_weights = self.stats(n)
-        skip = {"format", "format_version", "tool_version", "tensors", "has_stats"}
+        skip = {"format", "format_version", "tool_version", "tensors", "has_stats", "roles"}
         data.info = {k: v for k, v in self.metadata.items() if k not in skip}
         return data
 

@@ -9,11 +9,15 @@
   is zero.
 
 On a PEFT LoRA model the adapted weights get a row/column factorised mask instead
-(see `_lora_guards`).
+(see `_lora_guards`); the guarantee is then about the effective weight the model
+computes with, `base + scale * B @ A`, and inits that rewrite the base layer are
+refused. A module PEFT trains as a whole copy (`modules_to_save`) is protected in
+that copy. Optimizer state is handled by what each entry means (`_Guard.reset_state`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -22,9 +26,22 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import DowserError
+from .lora_merge import init_moves_base, peft_fold
 from .names import architecture_for, match_names
 from .scoring import score_matrix, validate_ratio
-from .sidecar import Sidecar
+from .sidecar import Sidecar, role_tensors
+
+# Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
+# schedulefree, bitsandbytes). Gradient statistics of a protected entry are zeroed: its gradient is
+# zero from now on. Parameter sequences (schedule-free's z, x, y; ASGD's average ax) are other copies
+# of the weight, from which `optimizer.eval()` or the user derive the weight they evaluate and save:
+# their protected entries are set to the protected values. Any other state (8-bit quantized moments,
+# step sizes, factored statistics) is left alone; the parameter itself is restored after every step.
+GRADIENT_STATISTICS = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg",
+                                 "acc_delta", "sum", "grad_avg", "exp_inf", "variance", "prev"})
+PARAMETER_COPIES = frozenset({"z", "x", "y", "ax"})
+# Packages whose optimizers' per-entry state names are the ones above (checked for each optimizer).
+KNOWN_OPTIMIZER_PACKAGES = ("torch", "transformers", "schedulefree", "bitsandbytes")
 
 
 @dataclass(eq=False)
@@ -67,17 +84,49 @@ class _Guard:
             p.masked_scatter_(mask, self.values)
 
     @torch.no_grad()
-    def zero_state(self, state: dict) -> None:
-        # Only per-entry state has the parameter's shape; `step` counters and factored
-        # (row/column) statistics such as Adafactor's are left alone.
-        for value in state.values():
-            if torch.is_tensor(value) and value.shape == self.param.shape:
-                value.masked_fill_(self.mask_on(value.device), 0)
+    def reset_state(self, state: dict) -> None:
+        """Make a protected entry's optimizer state agree with a weight that never moves: gradient
+        statistics zeroed, parameter copies set to the protected values (GRADIENT_STATISTICS,
+        PARAMETER_COPIES); other state, and state not shaped like the parameter (step counters,
+        Adafactor's row/column factors), is left alone."""
+        for key, value in state.items():
+            if not torch.is_tensor(value) or value.shape != self.param.shape:
+                continue
+            mask = self.mask_on(value.device)
+            if key in GRADIENT_STATISTICS or (key in PARAMETER_COPIES and self.values is None):
+                value.masked_fill_(mask, 0)
+            elif key in PARAMETER_COPIES:
+                value.masked_scatter_(mask, self.values.to(value.device, value.dtype))
 
     def changed(self) -> bool:
         now = self.param.detach()[self.mask_on(self.param.device)]
         before = torch.zeros_like(now) if self.values is None else self.values.to(now.device, now.dtype)
         return not torch.equal(_bits(now), _bits(before))
+
+
+class _EffectiveWeight:
+    """The protected entries of a LoRA-adapted weight as the model computes with it,
+    base + sum over adapters of scale * B @ A (added in the weight's dtype, as merge_and_unload
+    does), remembered as a digest at protect time: `changed()` recomputes it."""
+
+    def __init__(self, name: str, module, axes: "LoraAxes"):
+        self.name, self.module = name, module
+        self.outside = ~axes.submatrix()  # where every adapter's delta must stay exactly zero
+        self.digest = self._digest()
+
+    @torch.no_grad()
+    def _digest(self) -> str:
+        weight = self.module.base_layer.weight
+        effective = weight.detach().clone()
+        for adapter in self.module.lora_A:
+            A, B = self.module.lora_A[adapter].weight, self.module.lora_B[adapter].weight
+            delta = (B.detach().float() @ A.detach().float()) * self.module.scaling[adapter]
+            effective += delta.to(effective.dtype)
+        protected = _bits(effective[self.outside.to(effective.device)]).contiguous().cpu()
+        return hashlib.sha256(protected.numpy().tobytes()).hexdigest()
+
+    def changed(self) -> bool:
+        return self._digest() != self.digest
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -117,6 +166,8 @@ class ProtectHandle:
         self.protected = 0
         self.lora: dict[str, LoraAxes] = {}
         self.steps = 0
+        self._effective: list[_EffectiveWeight] = []
+        self._checked: set[int] = set()
         self._hooks = [g.param.register_hook(g.mask_grad) for g in guards if g.param.requires_grad]
         if optimizer is None:
             # No optimizer named: watch every optimizer; each restores only the parameters it holds.
@@ -135,8 +186,9 @@ class ProtectHandle:
                 yield from ((p, g) for g in self._by_param.get(id(p), ()))
 
     def _zero_state(self, optimizer) -> None:
+        check_optimizer(optimizer)
         for p, guard in self._stepped(optimizer):
-            guard.zero_state(optimizer.state.get(p, {}))
+            guard.reset_state(optimizer.state.get(p, {}))
 
     def enforce(self, optimizer=None) -> None:
         """Write protected entries back and zero their optimizer state. Runs after every step
@@ -146,14 +198,20 @@ class ProtectHandle:
                 guard.restore()
         else:
             optimizer = torch_optimizer(optimizer)
+            if id(optimizer) not in self._checked:
+                check_optimizer(optimizer)
+                self._checked.add(id(optimizer))
             for p, guard in self._stepped(optimizer):
                 guard.restore()
-                guard.zero_state(optimizer.state.get(p, {}))
+                guard.reset_state(optimizer.state.get(p, {}))
         self.steps += 1
 
     def changed(self) -> list[str]:
-        """Names of covered parameters whose protected entries differ (bitwise) from protect time."""
-        return sorted({g.name for g in self._guards if g.changed()})
+        """Names of covered parameters whose protected entries differ (bitwise) from protect time;
+        for a LoRA-adapted weight, the protected entries of its effective weight base + scale * B @ A
+        (`[]` is the check)."""
+        moved = {g.name for g in self._guards if g.changed()}
+        return sorted(moved | {e.name for e in self._effective if e.changed()})
 
     def remove(self) -> None:
         """Remove every hook; parameters keep their current values (LoRA entries stay zero)."""
@@ -166,6 +224,19 @@ class ProtectHandle:
 
     def __exit__(self, *exc):
         self.remove()
+
+
+def check_optimizer(optimizer) -> None:
+    """Refuse an optimizer of an unknown package that keeps the weight it evaluates outside the
+    parameter (a schedule-free style `eval()`/`train()` switch): its state could hold a copy of the
+    weight that the rules above do not know, and `eval()` would move protected entries."""
+    package = type(optimizer).__module__.split(".")[0]
+    if package not in KNOWN_OPTIMIZER_PACKAGES and callable(getattr(optimizer, "eval", None)):
+        raise DowserError(
+            f"{type(optimizer).__module__}.{type(optimizer).__name__}: an optimizer with its own eval()/train() "
+            "keeps weights outside the parameters in state protect() does not know; supported: torch.optim, "
+            "transformers' Adafactor, schedulefree and bitsandbytes optimizers"
+        )
 
 
 def torch_optimizer(optimizer):
@@ -188,6 +259,7 @@ class _MaskSource:
             self.sidecar = mask_or_path if isinstance(mask_or_path, Sidecar) else Sidecar(os.fspath(mask_or_path))
             self.names = self.sidecar.names
         self.has_stats = self.sidecar is not None and self.sidecar.has_stats
+        self.roles = self.sidecar.roles if self.sidecar is not None else {}
 
     def mask(self, name: str) -> torch.Tensor:
         if self.sidecar is None:
@@ -222,18 +294,17 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
         raise DowserError(f"cannot re-cut at update ratio {update_ratio}: the mask holds no score statistics")
     params = dict(model.named_parameters(remove_duplicate=False))
     _refuse_sharded(params)
-    matched, missing = match_names(source.names, params, _architecture(model))
-    if missing:
-        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
-        raise DowserError(f"mask entries match no parameter of the model: {shown}")
+    targets = _targets(source, params, model)
     lora_modules = _lora_modules(model)
-    guards, counts, axes, covered = [], [0, 0], {}, []
-    for mask_name, param_name in matched.items():
+    guards, counts, axes, covered, effective = [], [0, 0], {}, [], []
+    for mask_name, param_name in targets:
         param = params[param_name]
         if param_name in lora_modules:
             module_name, module = lora_modules[param_name]
+            _refuse_moved_base(model, module_name, module)
             lora = _lora_axes(source, mask_name, param, update_ratio, lora_axis_fraction)
             guards += _lora_guards(module_name, module, lora)
+            effective.append((param_name, module, lora))
             axes[module_name] = lora
             trainable = int(lora.rows.sum()) * int(lora.cols.sum())
         elif param.requires_grad:
@@ -249,10 +320,57 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
         if guard.values is None:
             guard.restore()  # LoRA: zero the protected rows of B and columns of A now
     handle = ProtectHandle(guards, optimizer)
+    handle._effective = [_EffectiveWeight(name, module, lora) for name, module, lora in effective]
     handle.names = sorted(covered)
     handle.trainable, handle.protected = counts
     handle.lora = axes
     return handle
+
+
+def _targets(source: _MaskSource, params: dict, model) -> list[tuple[str, str]]:
+    """(mask name, parameter name) pairs: each mask on the parameter(s) that play its tensor's part.
+
+    Names are folded through PEFT's renaming (`lora_merge.peft_fold`) and the architecture's layouts
+    (`names.match_names`). A mask with a role (output head, input embedding) goes to the parameter
+    that plays the role in this model (`sidecar.role_tensors`), wherever the sidecar stored it. A
+    module PEFT trains as a copy (`modules_to_save`) is protected in every adapter's copy; the frozen
+    original beside it is left alone.
+    """
+    folded: dict[str, list[str]] = {}
+    for name in params:
+        plain, copy = peft_fold(name)
+        if copy != "original_module":
+            folded.setdefault(plain, []).append(name)
+    roles = None
+    config = _base_config(model)
+    if config is not None and source.roles:
+        try:
+            roles = role_tensors(config, folded)
+        except DowserError:
+            roles = None  # a family names.py does not know: match by name only
+    by_role = {n: roles.of(r) for n, r in source.roles.items()} if roles else {}
+    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded,
+                                   _architecture(model))
+    matched.update({n: plain for n, plain in by_role.items() if plain is not None})
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
+        raise DowserError(f"mask entries match no parameter of the model: {shown}")
+    return [(mask_name, param) for mask_name in source.names for param in folded[matched[mask_name]]]
+
+
+def _refuse_moved_base(model, module_name: str, module) -> None:
+    """Refuse LoRA inits that rewrote the base layer (PiSSA, OLoRA, ...): zeroing B's protected rows
+    and A's protected columns would then take part of the pretrained weight out of the effective one."""
+    configs = getattr(model, "peft_config", None) or {}
+    for adapter in module.lora_A:
+        init = getattr(configs.get(adapter), "init_lora_weights", True)
+        if init_moves_base(init):
+            raise DowserError(
+                f"{module_name}: adapter {adapter!r} was initialised with init_lora_weights={init!r}, which rewrites "
+                "the base layer to a residual; protect() keeps protected entries of the effective weight at their "
+                "pretrained values only for inits that leave the base layer alone (True, 'gaussian', 'eva', "
+                "'orthogonal', 'mica'). Train with one of those, or repair afterwards with dowser merge"
+            )
 
 
 def _unwrap(model):
@@ -267,14 +385,19 @@ def _unwrap(model):
             return model
 
 
-def _architecture(model):
-    # A PEFT model's config is its base model's; the name folding needs the base architecture.
+def _base_config(model) -> dict | None:
+    # A PEFT model's config is its base model's.
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     config = getattr(base, "config", None)
+    return config.to_dict() if config is not None else None
+
+
+def _architecture(model):
+    config = _base_config(model)
     if config is None:
         return None
     try:
-        return architecture_for(config.to_dict())
+        return architecture_for(config)
     except DowserError:
         return None  # a family names.py does not know: match the model's own names
 

@@ -133,6 +133,7 @@ def test_missing_and_bad_inputs(tmp_path, llama_dir):
     # an index that names a missing shard
     d = tmp_path / "broken"
     shutil.copytree(llama_dir, d)
+    (d / "model.safetensors").unlink()  # else transformers (and we) read the single file first
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1-of-2.safetensors"}}))
     with pytest.raises(DowserError, match="missing"):
         open_checkpoint(d)

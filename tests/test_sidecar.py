@@ -46,7 +46,7 @@ def test_sidecar_roundtrip(tmp_path):
         assert torch.equal(got_psi, psi[n]) and torch.equal(got_a, a[n]) and torch.equal(got_w, w)
     assert torch.equal(sc.probe_tokens(), tokens)
     assert sc.metadata["base_model"] == {"id": "org/m", "sha": "abc"}
-    assert sc.metadata["probe"]["draws"] == 8 and sc.metadata["format_version"] == 1
+    assert sc.metadata["probe"]["draws"] == 8 and sc.metadata["format_version"] == 2
     assert torch.equal(load_mask(p)["model.layers.0.mlp.up_proj.weight"], masks["model.layers.0.mlp.up_proj.weight"])
     # written deterministically
     p2 = write_sidecar(tmp_path / "again.dowser.safetensors", SidecarData(masks, psi, a, w, tokens, info))

@@ -39,18 +39,50 @@ from torch import nn
 
 from .errors import DowserError
 
-# PEFT wraps a model as `base_model.model.<model>` and adapted modules as `<module>.base_layer`.
+# PEFT's renaming (peft/tuners/tuners_utils.py, peft/utils/other.py ModulesToSaveWrapper,
+# peft/utils/save_and_load.py).
 _PEFT_PREFIX = "base_model.model."
+_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.([^.]+)\.")
+# LoRA adapter keys: `<module>.lora_A.weight` (r, in) / `lora_B.weight` (out, r) for Linear modules,
+# `<module>.lora_embedding_A` / `_B` for embeddings; an adapter name may follow the part
+# (`lora_A.default.weight`) in in-memory state dicts. Saved files drop it.
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(\.[\w-]+)?(\.weight)?$")
+
+
+def peft_fold(name: str, saved: bool = False) -> tuple[str, str | None]:
+    """Undo PEFT's renaming of one parameter or adapter key.
+
+    PEFT renames in four ways:
+    - `base_model.model.` in front of every name of a `PeftModel` (and of saved keys);
+    - `<module>.base_layer.<param>`: the wrapped original layer of a LoRA module;
+    - `<module>.modules_to_save.<adapter>.<param>`: the trainable copy of a module listed in
+      `modules_to_save`; saved adapter files (`saved=True`) drop the adapter name, and usually the
+      whole `modules_to_save.<adapter>.`;
+    - `<module>.original_module.<param>`: the frozen original kept beside that copy.
+    Returns (the name as the unwrapped model spells it, which copy it is: "base_layer",
+    "modules_to_save:<adapter>" ("modules_to_save" when saved), "original_module", or None for a
+    plain name). A family's own layouts are folded afterwards (`KeyRules.canonical`).
+    """
+    copy = None
+    if name.startswith(_PEFT_PREFIX):
+        name = name[len(_PEFT_PREFIX):]
+    m = None if saved else _MODULES_TO_SAVE.search(name)
+    if m:
+        copy = f"modules_to_save:{m.group(1)}"
+        name = name[: m.start()] + "." + name[m.end():]
+    elif saved and ".modules_to_save." in name:
+        copy, name = "modules_to_save", name.replace(".modules_to_save.", ".", 1)
+    elif ".original_module." in name:
+        copy, name = "original_module", name.replace(".original_module.", ".", 1)
+    elif ".base_layer." in name:
+        copy, name = "base_layer", name.replace(".base_layer.", ".", 1)
+    return name, copy
 
 
 def fold_key(key: str) -> str:
-    """A tensor name with PEFT's wrapping removed (`base_model.model.` prefix, `.base_layer.`).
-
-    This is the whole of name folding for a family without a transformers class.
-    """
-    if key.startswith(_PEFT_PREFIX):
-        key = key[len(_PEFT_PREFIX):]
-    return key.replace(".base_layer.", ".")
+    """A tensor name with PEFT's wrapping removed: the whole of name folding for a family without
+    a transformers class."""
+    return peft_fold(key)[0]
 
 
 def natural_key(name: str):
@@ -440,16 +472,200 @@ def _is_linear(mod) -> bool:
 
 
 def _kind(model, layer_path: str, path: str) -> str:
-    """attention | mlp | expert, from the classes of the modules between the layer and `path`."""
-    names = []
+    """attention | mlp, from the classes of the modules between the layer and `path` (per-expert
+    slices of fused parameters are kind 'expert', routers 'router': decided by the caller)."""
     parts = path[len(layer_path):].strip(".").split(".") if path != layer_path else []
     mod = model.get_submodule(layer_path)
+    names = []
     for p in parts:
         mod = getattr(mod, p)
         names.append(type(mod).__name__.lower())
-    joined = " ".join(names)
-    if "expert" in joined or "moe" in joined:
-        return "expert"
-    if "attn" in joined or "attention" in joined:
-        return "attention"
-    return "mlp"
+    return "attention" if any("attn" in n or "attention" in n for n in names) else "mlp"
+
+
+# ---- names across checkpoints and models (merge, protect, masks) -----------------------------------
+@dataclass(frozen=True)
+class RoleTensors:
+    """Which tensor of one checkpoint (or model) plays each role, by its own name (None: absent).
+
+    `head` is the tensor the output head computes with: the stored head, or the embedding when
+    the head is tied and not stored. `tied` is what the model's config says.
+    """
+
+    embedding: str | None
+    head: str | None
+    tied: bool
+
+    def of(self, role: str) -> str | None:
+        return self.head if role == "output_head" else self.embedding
+
+
+class KeyRules:
+    """How one model family names its tensors: the key renamings transformers applies when it loads
+    that class (legacy layouts), PEFT's wrapping, and which parameters are the input embedding and
+    the output head (and whether they are tied).
+
+    Build with `KeyRules.of_config(config_dict, where)` (from a checkpoint) or `KeyRules.of_model(model)`
+    (a model in memory, PEFT-wrapped or not). For a family transformers does not know (`known` False)
+    only PEFT's wrapping is folded: names must otherwise match exactly.
+    """
+
+    def __init__(self, model: nn.Module | None, prefix: str = ""):
+        self.model, self.prefix = model, prefix
+        self.embed = self.head = self.text_config_key = None
+        self.tied: dict[str, str] = {}
+        self._renamings, self._meta, self._base_prefix = [], {}, None
+        if model is None:
+            return
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+
+        self._renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        self._meta = dict.fromkeys(fold_key(k) for k in model.state_dict(keep_vars=True))  # PEFT-wrapped too
+        self._base_prefix = model.base_model_prefix
+        params = {id(p): fold_key(n) for n, p in model.named_parameters(remove_duplicate=False)}
+        for attr, getter in (("embed", "get_input_embeddings"), ("head", "get_output_embeddings")):
+            module = getattr(model, getter)() if hasattr(model, getter) else None
+            weight = getattr(module, "weight", None)
+            setattr(self, attr, params.get(id(weight)) if weight is not None else None)
+        self.tied = dict(getattr(model, "all_tied_weights_keys", None) or {})
+        text = model.config.get_text_config()
+        self.text_config_key = next((k for k, v in vars(model.config).items() if v is text and v is not model.config),
+                                    None)  # the sub-config holding the decoder (VLMs), None when it is the config
+
+    @classmethod
+    def of_config(cls, config: dict | None, where: str) -> "KeyRules":
+        """The rules of the class a checkpoint's config.json describes; folding only if transformers
+        does not know its model_type (DowserError for a config it knows but cannot build)."""
+        if not config:
+            return cls(None)
+        prefix, key = "", None
+        component = text_component(config)
+        if component is not None:
+            key = next(k for k, v in config.items() if v is component[0])
+            config, prefix = component
+        try:
+            rules = cls(build_model(config, torch.float32, where), prefix)
+        except DowserError as e:
+            if "no transformers class" in str(e):
+                return cls(None)
+            raise
+        if key is not None:
+            rules.text_config_key = key  # NVILA: the LLM's config inside the root config
+        return rules
+
+    @classmethod
+    def of_model(cls, model: nn.Module) -> "KeyRules":
+        """The rules of a model in memory (a PeftModel's base model, or a model of unknown family)."""
+        from transformers import PreTrainedModel
+
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        return cls(base if isinstance(base, PreTrainedModel) else None)
+
+    @property
+    def known(self) -> bool:
+        return self.model is not None
+
+    def canonical(self, key: str) -> str:
+        """The name a checkpoint key (or a model parameter name) has in memory, PEFT's wrapping undone.
+
+        A per-expert tensor that loading fuses into a 3-D parameter keeps its own (renamed) name."""
+        from transformers.core_model_loading import rename_source_key
+
+        key = fold_key(key)
+        if self.prefix:
+            if not key.startswith(self.prefix):
+                return key  # outside the modelled component (NVILA's vision tower, projector)
+            key = key[len(self.prefix):]
+        if self.model is None:
+            return key
+        renamed, _ = rename_source_key(key, self._renamings, [], self._base_prefix, self._meta)
+        if renamed not in self._meta and key in self._meta:
+            renamed = key
+        return renamed
+
+    def roles(self, names) -> RoleTensors:
+        """Which of `names` (checkpoint keys or parameter names) play the input embedding and the head."""
+        by_canonical = {self.canonical(n): n for n in names}
+        embedding = by_canonical.get(self.embed) if self.embed else None
+        head = by_canonical.get(self.head) if self.head else None
+        tied = bool(self.head and self.tied.get(self.head) == self.embed)
+        return RoleTensors(embedding, head if head is not None or not tied else embedding, tied)
+
+    def lora_target(self, key: str) -> tuple[str, str, str] | None:
+        """For a PEFT LoRA key: (canonical name of the weight it adapts, part, PEFT module name), else None.
+
+        Part is "A" or "B" ("embedding_A"/"embedding_B" for embeddings). The PEFT module name is
+        the in-memory module path without the wrapper prefix: what `rank_pattern` keys match.
+        """
+        m = _LORA_KEY.match(key)
+        if m is None:
+            return None
+        module = m.group("module")
+        if module.startswith(_PEFT_PREFIX):
+            module = module[len(_PEFT_PREFIX):]
+        part = m.group("part")[len("lora_"):]
+        return self.canonical(f"{module}.weight"), part, module
+
+
+class NameMap:
+    """Tensor names of one checkpoint <-> canonical names (KeyRules.canonical).
+
+    Raises DowserError when two names fold to one canonical name. When the head is tied and not
+    stored, the head's canonical name reads the embedding's tensor (`tied_alias`).
+    """
+
+    def __init__(self, names, rules: KeyRules, where: str = "checkpoint"):
+        self.rules = rules
+        self._to_key: dict[str, str] = {}
+        for name in names:
+            canon = rules.canonical(name)
+            other = self._to_key.get(canon)
+            if other is not None:
+                raise DowserError(f"{where}: tensors {other!r} and {name!r} both map to {canon!r}")
+            self._to_key[canon] = name
+        self._to_canon = {v: k for k, v in self._to_key.items()}
+        self.tied_alias: dict[str, str] = {}
+        source = rules.tied.get(rules.head) if rules.head else None
+        if source and rules.head not in self._to_key and source in self._to_key:
+            self.tied_alias[rules.head] = source
+
+    def canonical_names(self) -> list[str]:
+        """Canonical names stored in the checkpoint (tied aliases excluded)."""
+        return list(self._to_key)
+
+    def __contains__(self, canonical: str) -> bool:
+        return canonical in self._to_key or canonical in self.tied_alias
+
+    def to_checkpoint(self, canonical: str) -> str:
+        canonical = self.tied_alias.get(canonical, canonical)
+        try:
+            return self._to_key[canonical]
+        except KeyError:
+            raise DowserError(f"tensor {canonical!r} is not in the checkpoint") from None
+
+    def to_canonical(self, name: str) -> str:
+        return self._to_canon[name]
+
+
+def match_names(wanted, available, rules: KeyRules) -> tuple[dict[str, str], list[str]]:
+    """Pair names of one layout (a sidecar's checkpoint keys) with names of another (a model's
+    in-memory parameter names, PEFT-wrapped or not) through their canonical names.
+
+    Returns (wanted name -> available name, wanted names that match nothing). Raises DowserError
+    when two available names fold to one canonical name.
+    """
+    by_canonical: dict[str, str] = {}
+    for name in available:
+        canon = rules.canonical(name)
+        other = by_canonical.setdefault(canon, name)
+        if other != name:
+            raise DowserError(f"names {other!r} and {name!r} both map to {canon!r}")
+    matched, missing = {}, []
+    for name in wanted:
+        hit = by_canonical.get(rules.canonical(name))
+        if hit is None:
+            missing.append(name)
+        else:
+            matched[name] = hit
+    return matched, missing

@@ -29,7 +29,7 @@ import torch
 
 from .checkpoint import ADAPTER_CONFIG, Checkpoint, same_bits
 from .errors import DowserError
-from .names import Architecture, canonical_name, lora_target
+from .anatomy import KeyRules, peft_fold
 
 # `init_lora_weights` values that leave the base layer as it was loaded (peft/tuners/lora/layer.py,
 # `LoraLayer.update_layer`): True and "gaussian" zero B; "eva" and "mica" zero one factor;
@@ -44,42 +44,6 @@ def init_moves_base(init) -> bool:
     if isinstance(init, bool):
         return False
     return not (isinstance(init, str) and init.lower() in BASE_PRESERVING_INITS)
-
-
-_MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.([^.]+)\.")
-_WRAPPER = "base_model.model."
-
-
-def peft_fold(name: str, saved: bool = False) -> tuple[str, str | None]:
-    """Undo PEFT's renaming of one parameter or adapter key: THE place for these rules.
-
-    PEFT renames in four ways (peft/tuners/tuners_utils.py, peft/utils/other.py
-    `ModulesToSaveWrapper`, peft/utils/save_and_load.py):
-    - `base_model.model.` in front of every name of a `PeftModel` (and of saved keys);
-    - `<module>.base_layer.<param>`: the wrapped original layer of a LoRA module;
-    - `<module>.modules_to_save.<adapter>.<param>`: the trainable copy of a module listed in
-      `modules_to_save`; saved adapter files (`saved=True`) drop the adapter name, and usually the
-      whole `modules_to_save.<adapter>.`;
-    - `<module>.original_module.<param>`: the frozen original kept beside that copy.
-    Returns (the name as the unwrapped model spells it, which copy it is: "base_layer",
-    "modules_to_save:<adapter>" ("modules_to_save" when saved), "original_module", or None for a
-    plain name). Architecture layouts (LLaVA's legacy keys, ...) are folded afterwards by
-    `names.canonical_name`.
-    """
-    copy = None
-    if name.startswith(_WRAPPER):
-        name = name[len(_WRAPPER) :]
-    m = None if saved else _MODULES_TO_SAVE.search(name)
-    if m:
-        copy = f"modules_to_save:{m.group(1)}"
-        name = name[: m.start()] + "." + name[m.end() :]
-    elif saved and ".modules_to_save." in name:
-        copy, name = "modules_to_save", name.replace(".modules_to_save.", ".", 1)
-    elif ".original_module." in name:
-        copy, name = "original_module", name.replace(".original_module.", ".", 1)
-    elif ".base_layer." in name:
-        copy, name = "base_layer", name.replace(".base_layer.", ".", 1)
-    return name, copy
 
 
 def is_adapter(ckpt: Checkpoint) -> bool:
@@ -105,7 +69,7 @@ class LoraPair:
 class LoraAdapter:
     """The adapter's effect on each base tensor, by canonical name."""
 
-    def __init__(self, ckpt: Checkpoint, arch: Architecture):
+    def __init__(self, ckpt: Checkpoint, rules: KeyRules):
         self.ckpt = ckpt
         where = f"{ckpt.where}/{ADAPTER_CONFIG}"
         try:
@@ -141,13 +105,13 @@ class LoraAdapter:
         for key in ckpt.tensor_names():
             if "lora_magnitude_vector" in key:
                 raise DowserError(f"{ckpt.where}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
-            hit = lora_target(key, arch)
+            hit = rules.lora_target(key)
             if hit is None:
                 plain, copy = peft_fold(key, saved=True)
                 if copy == "original_module":
                     continue  # the frozen original beside a modules_to_save copy: not what the model uses
                 held = self.stored_base if copy == "base_layer" else self.replacements
-                canon = canonical_name(plain, arch)
+                canon = rules.canonical(plain)
                 # PEFT may save one copy under two keys (`m.weight` and `m.modules_to_save.weight` when
                 # embeddings are saved): fine when equal; never pick one of two values by file order.
                 if canon in held and not same_bits(ckpt.read(held[canon]), ckpt.read(key)):

@@ -35,10 +35,10 @@ from .checkpoint import (
 )
 from .errors import DowserError
 from .lora_merge import LoraAdapter, is_adapter
-from .names import NameMap, architecture_for, canonical_name, ties_embeddings
+from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, StreamingWriter, itemsize
-from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, role_tensors
+from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar
 from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
@@ -166,14 +166,15 @@ class Merge:
         self.ft = open_checkpoint(finetuned, finetuned_revision, allow_pickle=allow_pickle)
         if self.base.config is None:
             raise DowserError(f"{self.base.where}: no config.json (BASE must be a full model)")
-        self.arch = architecture_for(self.base.config, f"{self.base.where}/config.json")
-        self.base_map = NameMap(self.base.tensor_names(), self.arch,
-                                ties_embeddings(self.base.config, self.arch), self.base.where)
+        # How this family names its tensors (transformers' loading rules; PEFT folding only for a family
+        # transformers does not know, whose names must then match exactly).
+        self.rules = KeyRules.of_config(self.base.config, f"{self.base.where}/config.json")
+        self.base_map = NameMap(self.base.tensor_names(), self.rules, self.base.where)
         self.adapter = None
         if is_adapter(self.ft):
             # The output is BASE with the adapter merged in: BASE's names, layout and config.
-            self.adapter = LoraAdapter(self.ft, self.arch)
-            self.src, self.src_map = self.base, self.base_map
+            self.adapter = LoraAdapter(self.ft, self.rules)
+            self.src, self.src_map, self.src_rules = self.base, self.base_map, self.rules
         else:
             if self.ft.config is None:
                 raise DowserError(f"{self.ft.where}: no config.json and no adapter_config.json")
@@ -181,8 +182,9 @@ class Merge:
             if ft_type != base_type:
                 raise DowserError(f"{self.ft.where}: model_type {ft_type!r} differs from BASE's {base_type!r}")
             self.src = self.ft
-            self.src_map = NameMap(self.ft.tensor_names(), self.arch,
-                                   ties_embeddings(self.ft.config, self.arch), self.ft.where)
+            # FT's own config: it may untie the head, or resize the vocabulary
+            self.src_rules = KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
+            self.src_map = NameMap(self.ft.tensor_names(), self.src_rules, self.ft.where)
         self._check_provenance()
         self.items = self._plan_items()
         self.layout = self._plan_layout()
@@ -225,10 +227,10 @@ class Merge:
                     raise DowserError(f"{self.ft.where}: the adapter changes {canon!r}, which BASE ties to "
                                       f"{self.base_map.tied_alias[canon]!r}; untie it first")
                 self.adapter.check_shape(canon, tuple(self.base.shape(self.base_map.to_checkpoint(canon))))
-        base_roles = role_tensors(self.base.config, self.base.tensor_names(), f"{self.base.where}/config.json")
+        base_roles = self.rules.roles(self.base.tensor_names())
         src_roles = self._role_targets()
         for mask_name in self.sidecar.names:
-            canon = canonical_name(mask_name, self.arch)
+            canon = self.rules.canonical(mask_name)
             role = self.sidecar.roles.get(mask_name)
             if canon not in self.base_map:
                 self._refuse(f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have")
@@ -269,8 +271,7 @@ class Merge:
         equal. A config that unties a head it does not store cannot load: refused.
         """
         where = self.src.where
-        config = self.base.config if self.adapter else self.src.config
-        roles = role_tensors(config, self.src.tensor_names(), f"{where}/config.json")
+        roles = self.src_rules.roles(self.src.tensor_names())
         self.out_roles = roles
         if roles.head is None and roles.embedding is not None:
             raise DowserError(f"{where}/config.json: tie_word_embeddings is false, but the checkpoint stores no "
@@ -466,7 +467,8 @@ class Merge:
         equals the embedding), dtype (--dtype, or tensors stored in another dtype than the config says)."""
         config = json.loads(path.read_text())
         before = json.dumps(config, sort_keys=True)
-        text = config.get(self.arch.text_config_key, config) if self.arch.text_config_key else config
+        key = self.src_rules.text_config_key
+        text = config.get(key, config) if key else config
         roles = self.out_roles
         embed = self.items.get(roles.embedding) if roles.embedding else None
         if embed is not None and embed.shape and text.get("vocab_size") != embed.shape[0]:

@@ -89,41 +89,6 @@ class SidecarData:
     roles: dict[str, str] = field(default_factory=dict)  # mask name -> OUTPUT_HEAD or INPUT_EMBEDDING
 
 
-@dataclass(frozen=True)
-class RoleTensors:
-    """Which tensor of one checkpoint (or model) plays each role, by its own name (None: absent).
-
-    `head` is the tensor the output head computes with: the stored head, or the embedding
-    when the head is tied and not stored. `tied` is what the config says.
-    """
-
-    embedding: str | None
-    head: str | None
-    tied: bool
-
-    def of(self, role: str) -> str | None:
-        return self.head if role == OUTPUT_HEAD else self.embedding
-
-
-def role_tensors(config: dict, names, where: str = "config.json") -> RoleTensors:
-    """Which of `names` (checkpoint tensor names, or a model's parameter names with PEFT's
-    renaming undone) are the input embedding and the output head, for a transformers `config`
-    dict. Raises DowserError for an architecture names.py does not know.
-
-    The one place that decides roles: to be replaced by the model-anatomy module, which reads
-    them from the transformers class (`get_input_embeddings`, `get_output_embeddings`,
-    `_tied_weights_keys`) instead of the per-family table.
-    """
-    from .names import architecture_for, canonical_name, ties_embeddings
-
-    arch = architecture_for(config, where)
-    by_canonical = {canonical_name(n, arch): n for n in names}
-    embedding = by_canonical.get(f"{arch.embed}.weight")
-    head = by_canonical.get(f"{arch.head}.weight")
-    tied = ties_embeddings(config, arch)
-    return RoleTensors(embedding, head if head is not None or not tied else embedding, tied)
-
-
 def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     """Write atomically; names and metadata keys are sorted so equal inputs give byte-identical
     files (safetensors' own save_file orders metadata by hash, differently on every run)."""
@@ -213,27 +178,37 @@ class Sidecar:
         self._keys = set(header.tensors)
         self.version = version
         recorded = _checked_roles(self.metadata.get("roles", {}), self.shapes, where) if version >= 2 else {}
-        self.roles = {**self._inferred_roles(), **recorded}
+        self._recorded_roles = recorded
 
     def _inferred_roles(self) -> dict[str, str]:
         """Roles told by names alone: a mask on the head is the head's; one on the input embedding
         is the embedding's, except in version 1 files probed with `--include lm_head`: the probe never
         scores the input embedding, so there it is a tied head stored under the embedding's name."""
-        from .names import architecture_for, canonical_name
+        from .anatomy import KeyRules
 
         try:
-            arch = architecture_for({"model_type": self.metadata.get("architecture")})
+            rules = KeyRules.of_config({"model_type": self.metadata.get("architecture")}, str(self.path))
         except DowserError:
-            return {}  # a family names.py does not know: no roles by name
+            return {}
+        if not rules.known:
+            return {}  # a family transformers does not know: no roles by name
         tied_head = self.version < 2 and "lm_head" in (self.metadata.get("include") or [])
         roles = {}
         for name in self.shapes:
-            canon = canonical_name(name, arch)
-            if canon == f"{arch.head}.weight":
+            canon = rules.canonical(name)
+            if canon == rules.head:
                 roles[name] = OUTPUT_HEAD
-            elif canon == f"{arch.embed}.weight":
+            elif canon == rules.embed:
                 roles[name] = OUTPUT_HEAD if tied_head else INPUT_EMBEDDING
         return roles
+
+    @property
+    def roles(self) -> dict[str, str]:
+        """Mask name -> OUTPUT_HEAD / INPUT_EMBEDDING: recorded (version 2), else inferred (version 1)."""
+        if not hasattr(self, "_roles"):
+            inferred = self._inferred_roles()
+            self._roles = {**inferred, **self._recorded_roles}
+        return self._roles
 
     @property
     def names(self) -> list[str]:
@@ -299,13 +274,13 @@ def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, t
     if not sidecar.has_stats:
         raise DowserError(f"{sidecar.path}: cannot re-cut at update ratio {update_ratio}: no statistics saved")
     ckpt = open_base(sidecar, base)
-    from .names import NameMap, architecture_for, canonical_name, ties_embeddings
+    from .anatomy import KeyRules, NameMap
 
-    arch = architecture_for(ckpt.config or {}, f"{ckpt.where}/config.json")
-    nm = NameMap(ckpt.tensor_names(), arch, ties_embeddings(ckpt.config or {}, arch), ckpt.where)
+    rules = KeyRules.of_config(ckpt.config or {}, f"{ckpt.where}/config.json")
+    nm = NameMap(ckpt.tensor_names(), rules, ckpt.where)
     out = {}
     for name in sidecar.names:
-        ckpt_name = nm.to_checkpoint(canonical_name(name, arch))
+        ckpt_name = nm.to_checkpoint(rules.canonical(name))
         out[name] = sidecar.recut(name, ckpt.read(ckpt_name), update_ratio)
     return out
 

@@ -26,10 +26,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import DowserError
-from .lora_merge import init_moves_base, peft_fold
-from .names import architecture_for, match_names
+from .anatomy import KeyRules, match_names, peft_fold
+from .lora_merge import init_moves_base
 from .scoring import score_matrix, validate_ratio
-from .sidecar import Sidecar, role_tensors
+from .sidecar import Sidecar
 
 # Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
 # schedulefree, bitsandbytes). Gradient statistics of a protected entry are zeroed: its gradient is
@@ -330,9 +330,9 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
 def _targets(source: _MaskSource, params: dict, model) -> list[tuple[str, str]]:
     """(mask name, parameter name) pairs: each mask on the parameter(s) that play its tensor's part.
 
-    Names are folded through PEFT's renaming (`lora_merge.peft_fold`) and the architecture's layouts
-    (`names.match_names`). A mask with a role (output head, input embedding) goes to the parameter
-    that plays the role in this model (`sidecar.role_tensors`), wherever the sidecar stored it. A
+    Names are folded through PEFT's renaming and the family's layouts (`anatomy.KeyRules`, from the
+    model's transformers class). A mask with a role (output head, input embedding) goes to the parameter
+    that plays the role in this model (`KeyRules.roles`), wherever the sidecar stored it. A
     module PEFT trains as a copy (`modules_to_save`) is protected in every adapter's copy; the frozen
     original beside it is left alone.
     """
@@ -341,16 +341,10 @@ def _targets(source: _MaskSource, params: dict, model) -> list[tuple[str, str]]:
         plain, copy = peft_fold(name)
         if copy != "original_module":
             folded.setdefault(plain, []).append(name)
-    roles = None
-    config = _base_config(model)
-    if config is not None and source.roles:
-        try:
-            roles = role_tensors(config, folded)
-        except DowserError:
-            roles = None  # a family names.py does not know: match by name only
+    rules = KeyRules.of_model(model)
+    roles = rules.roles(folded) if rules.known and source.roles else None  # unknown family: by name only
     by_role = {n: roles.of(r) for n, r in source.roles.items()} if roles else {}
-    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded,
-                                   _architecture(model))
+    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules)
     matched.update({n: plain for n, plain in by_role.items() if plain is not None})
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
@@ -383,23 +377,6 @@ def _unwrap(model):
             model = model._orig_mod
         else:
             return model
-
-
-def _base_config(model) -> dict | None:
-    # A PEFT model's config is its base model's.
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
-    return config.to_dict() if config is not None else None
-
-
-def _architecture(model):
-    config = _base_config(model)
-    if config is None:
-        return None
-    try:
-        return architecture_for(config)
-    except DowserError:
-        return None  # a family names.py does not know: match the model's own names
 
 
 def _refuse_sharded(params: dict) -> None:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from dowser_tool import DowserError
 from dowser_tool.cli import main
 from dowser_tool.merge import DEFAULT_RESTORE, merge_checkpoint
-from dowser_tool.names import architecture_for, canonical_name, lora_target
+from dowser_tool.anatomy import KeyRules
 from dowser_tool.scoring import cut_mask, score_matrix
 from dowser_tool.sidecar import SidecarData, write_sidecar
 
@@ -174,24 +174,22 @@ def test_strengths_reshard_dtype_and_update_ratio(tmp_path):
 
 def llava_in_memory_layout(src: Path, dst: Path) -> Path:
     """The same LLaVA saved under its in-memory names (model.language_model.*) instead of legacy keys."""
-    from dowser_tool.names import architecture_for
-
-    arch = architecture_for(json.loads((src / "config.json").read_text()))
+    arch = KeyRules.of_config(json.loads((src / "config.json").read_text()), str(src))
     dst.mkdir()
     shutil.copy(src / "config.json", dst / "config.json")
     sd = state_dict(src)
-    save_file({canonical_name(k, arch): v for k, v in sd.items()}, dst / "model.safetensors", {"format": "pt"})
+    save_file({arch.canonical(k): v for k, v in sd.items()}, dst / "model.safetensors", {"format": "pt"})
     return dst
 
 
 def test_llava_layouts(tmp_path):
     base = make_llava(tmp_path / "base", seed=0)  # legacy keys, as save_pretrained writes them
     ft = llava_in_memory_layout(make_llava(tmp_path / "ft-legacy", seed=1), tmp_path / "ft")
-    arch = architecture_for(json.loads((base / "config.json").read_text()))
+    arch = KeyRules.of_config(json.loads((base / "config.json").read_text()), str(base))
     # the mask names tensors by their canonical names (a third spelling of BASE's legacy keys)
-    mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", rename=lambda n: canonical_name(n, arch))
+    mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", rename=arch.canonical)
     merge_checkpoint(base, ft, mask, tmp_path / "out", progress=False)
-    legacy = {canonical_name(n, arch): n for n in state_dict(base)}
+    legacy = {arch.canonical(n): n for n in state_dict(base)}
     want = expected(state_dict(base), state_dict(ft), stats, DEFAULT_RESTORE, match=lambda n: legacy[n])
     assert_output(tmp_path / "out", want)
     assert any(n.startswith("model.language_model.layers.") for n in want)  # FT's names are kept
@@ -283,13 +281,13 @@ def test_lora_adapter(tmp_path, rslora, fan_in_fan_out):
 
 
 def test_lora_key_names():
-    arch = architecture_for({"model_type": "llava"})
-    assert lora_target("base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight", arch) == (
+    rules = KeyRules.of_config({"model_type": "llava"}, "llava")
+    assert rules.lora_target("base_model.model.model.language_model.layers.0.mlp.up_proj.lora_A.weight") == (
         "model.language_model.layers.0.mlp.up_proj.weight", "A", "model.language_model.layers.0.mlp.up_proj")
-    assert lora_target("base_model.model.language_model.model.layers.1.self_attn.q_proj.lora_B.default.weight",
-                       arch)[:2] == ("model.language_model.layers.1.self_attn.q_proj.weight", "B")
-    assert lora_target("base_model.model.model.embed_tokens.lora_embedding_A", None)[1] == "embedding_A"
-    assert lora_target("base_model.model.lm_head.weight", None) is None
+    assert rules.lora_target("base_model.model.language_model.model.layers.1.self_attn.q_proj.lora_B.default.weight"
+                             )[:2] == ("model.language_model.layers.1.self_attn.q_proj.weight", "B")
+    assert KeyRules(None).lora_target("base_model.model.model.embed_tokens.lora_embedding_A")[1] == "embedding_A"
+    assert KeyRules(None).lora_target("base_model.model.lm_head.weight") is None
 
 
 # ---- provenance, no statistics, bad inputs ----------------------------

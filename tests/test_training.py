@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from dowser_tool import DowserError, open_checkpoint, protect
-from dowser_tool.names import NameMap, architecture_for, match_names
+from dowser_tool.anatomy import KeyRules, NameMap, match_names
 from dowser_tool.scoring import cut_mask, score_matrix
 from dowser_tool.sidecar import SidecarData, write_sidecar
 
@@ -67,7 +67,7 @@ def in_memory_masks(sidecar_path, model_dir):
     from dowser_tool import Sidecar
 
     ckpt = open_checkpoint(model_dir)
-    nm = NameMap(ckpt.tensor_names(), architecture_for(ckpt.config))
+    nm = NameMap(ckpt.tensor_names(), KeyRules.of_config(ckpt.config, str(model_dir)))
     side = Sidecar(sidecar_path)
     return {nm.to_canonical(n): side.mask(n) for n in side.names}
 
@@ -157,12 +157,13 @@ def test_sharded_parameters_are_refused(llava_dir, sidecar):
 
 
 def test_match_names_folds_both_layouts():
-    arch = architecture_for({"model_type": "llava"})
+    arch = KeyRules.of_config({"model_type": "llava"}, "llava")
     ckpt = "language_model.model.layers.0.self_attn.q_proj.weight"
     peft = "base_model.model.model.language_model.layers.0.self_attn.q_proj.base_layer.weight"
     matched, missing = match_names([ckpt, "nope.weight"], [peft, "lm_head.weight"], arch)
     assert matched == {ckpt: peft} and missing == ["nope.weight"]
-    assert match_names(["x.weight"], ["base_model.model.x.weight"], None) == ({"x.weight": "base_model.model.x.weight"}, [])
+    assert match_names(["x.weight"], ["base_model.model.x.weight"], KeyRules(None)) == (
+        {"x.weight": "base_model.model.x.weight"}, [])
 
 
 # --- Trainer + DowserCallback -------------------------------------------------------------------

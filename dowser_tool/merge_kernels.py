@@ -1,0 +1,193 @@
+"""The per-tensor work of `dowser merge`, near the I/O floor and bit-identical to the reference path.
+
+The reference path (merge.py `_value` at a re-cut strength) is
+
+    out = where(cut_mask(score_matrix(W_base, psi, a, w), rho), W_base, W_ft)
+
+with about ten passes over matrix-sized float32 temporaries. `repair_recut` gives the same
+bits with one matrix product and one pass over row blocks small enough to stay in the cache:
+
+1. A seeded sample of scores brackets the k-th smallest score (k = round(rho * numel), the
+   trainable count) between two values lo <= hi, as `scoring.kth_smallest` does.
+2. The matrix product Psi^T diag(w) A / sum(w) in one call, as `scoring.score_matrix` makes
+   it; then for each block of rows, its product with |W| in place (the same float32 scores):
+   entries below lo are trainable (keep FT), entries above hi or NaN are protected (take BASE),
+   and the few inside [lo, hi] are remembered with their position and FT value.
+3. The exact threshold t is the (k - below)-th smallest remembered score; entries inside the
+   bracket below t, and the first ties at t in flat order (as `scoring.cut_mask` breaks them),
+   get their FT value back.
+If the bracket misses (it practically never does), or the matrix is small, the reference path
+runs instead. Bit-identity to the reference path is tested (tests/test_reliability_merge_kernels.py).
+
+Reading uses `os.preadv` straight into the tensor (no memory map, so no page faults per 4 KiB),
+and unchanged tensors go from input file to output file with `os.copy_file_range` (a kernel copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+from .safetensors_format import StreamingWriter
+from .scoring import cut_mask, score_matrix, trainable_count
+
+BLOCK_ENTRIES = 1 << 18  # entries per score block: 1 MiB of float32, cache-resident
+SAMPLE = 1 << 16  # scores sampled to bracket the threshold (as scoring.kth_smallest)
+INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """torch's intra-op threads for the block: the merge's workers each run single-threaded ops on
+    their own tensor (OpenMP teams of 2 on small blocks, twice over on 2 cores, spin and stall)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def read_tensor(ckpt, name: str) -> torch.Tensor:
+    """One tensor of a local safetensors checkpoint, read with preadv into a fresh tensor; any
+    other source (Hub ranges, pickles) through `Checkpoint.read`."""
+    ref = ckpt.ref(name)
+    if ref.entry is None or ckpt.is_remote:
+        return ckpt.read(name)
+    e = ref.entry
+    out = torch.empty(e.shape, dtype=e.torch_dtype)
+    if e.nbytes:
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        fd = os.open(ckpt.file_path(ref.file), os.O_RDONLY)
+        try:
+            done = 0
+            while done < e.nbytes:
+                got = os.preadv(fd, [view[done:]], e.start + done)
+                if got <= 0:
+                    raise OSError(f"{ckpt.where}/{ref.file}: short read of {name!r}")
+                done += got
+        finally:
+            os.close(fd)
+    return out
+
+
+def _score_blocks(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor):
+    """(r0, r1, rows r0:r1 of score_matrix) in cache-sized blocks. The matrix product is one call
+    over the whole matrix, exactly as `scoring.score_matrix` makes it (MKL does not give a row
+    block of the product the bits of the full product for every shape); the product with |W|,
+    elementwise, is done block by block in place."""
+    rows, cols = weight.shape
+    product = torch.mm(psiw_t, a)
+    step = max(1, BLOCK_ENTRIES // cols)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        yield r0, r1, product[r0:r1].mul_(weight[r0:r1].abs())
+
+
+def _weighted(psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Psi^T diag(w) / sum(w), A) in float32, computed as `scoring.score_matrix` does."""
+    psi, a, w = psi.float(), a.float(), w.float()
+    return (psi * (w / w.sum())[:, None]).T, a
+
+
+def score_blocks_aligned(weight, psi, a, w) -> bool:
+    """Whether the block scores equal `scoring.score_matrix` bit for bit (checked by the tests)."""
+    full = score_matrix(weight, psi, a, w)
+    return all(torch.equal(block.view(torch.int32), full[r0:r1].view(torch.int32))
+               for r0, r1, block in _score_blocks(weight, *_weighted(psi, a, w)))
+
+
+def _bracket(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor, k: int) -> tuple[float, float]:
+    """Two scores that very likely enclose the k-th smallest, from a seeded sample (the same
+    slack as scoring.kth_smallest; whether they do is checked exactly afterwards)."""
+    n, cols = weight.numel(), weight.shape[1]
+    gen = torch.Generator().manual_seed(n * 31 + k)
+    idx = torch.randint(0, n, (SAMPLE,), generator=gen)
+    rows, cols_ = idx // cols, idx % cols
+    sampled = (psiw_t[rows] * a[:, cols_].T).sum(1) * weight.reshape(-1)[idx].abs().float()
+    picked = sampled.sort().values
+    q = k / n * SAMPLE
+    slack = 8 * (q * (1 - k / n)) ** 0.5 + 64
+    return float(picked[max(0, int(q - slack))]), float(picked[min(SAMPLE - 1, int(q + slack))])
+
+
+def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                 update_ratio: float) -> tuple[torch.Tensor, int] | None:
+    """`where(cut_mask(score_matrix(base, psi, a, w), update_ratio), base, ft)` bit for bit, and the
+    number of entries taken from BASE; None if the sampled bracket missed the threshold.
+
+    base, ft: (out, in) tensors of one dtype; ft is overwritten (and returned, unless None: then its
+    contents are lost and the caller must use `reference_repair` on a fresh copy). psi (U, out),
+    a (U, in), w (U,): the sidecar's statistics (docs/FORMAT.md); update_ratio: the trainable
+    fraction rho (scoring.cut_mask's).
+    """
+    if base.shape != ft.shape or base.dtype != ft.dtype or base.dim() != 2:
+        raise ValueError(f"repair_recut needs two matrices of one shape and dtype, got {base.dtype}{list(base.shape)} "
+                         f"and {ft.dtype}{list(ft.shape)}")
+    n = base.numel()
+    k = trainable_count(n, update_ratio)
+    if n <= 4 * SAMPLE or k <= 0 or k >= n:
+        return reference_repair(base, ft, psi, a, w, update_ratio)
+    psiw_t, a = _weighted(psi, a, w)
+    lo, hi = _bracket(base, psiw_t, a, k)
+    if lo != lo or hi != hi:  # NaN in the sample: leave NaN ordering to the reference path
+        return reference_repair(base, ft, psi, a, w, update_ratio)
+    as_int = INT_OF_SIZE[base.element_size()]
+    base_i, out_i = base.view(as_int), ft.view(as_int)
+    cols = base.shape[1]
+    below = 0
+    positions, scores, ft_values = [], [], []
+    for r0, r1, score in _score_blocks(base, psiw_t, a):
+        trainable = score < lo
+        below += int(torch.count_nonzero(trainable))
+        inside = (score <= hi).logical_xor_(trainable).view(-1)  # lo <= score <= hi (NaN: in neither)
+        where = inside.nonzero().view(-1)
+        block_out = out_i[r0:r1]
+        positions.append(where + r0 * cols)
+        scores.append(score.view(-1)[where])
+        ft_values.append(block_out.reshape(-1)[where])
+        torch.where(trainable, block_out, base_i[r0:r1], out=block_out)  # all but the trainable: BASE
+    scores_t = torch.cat(scores)
+    if not below < k <= below + scores_t.numel():
+        return None  # the bracket missed the threshold (FT was overwritten: the caller reads it again)
+    t = torch.kthvalue(scores_t, k - below).values
+    back = scores_t < t
+    need = k - below - int(torch.count_nonzero(back))
+    if need > 0:  # ties at the threshold: the lowest flat indices become trainable (scoring.cut_mask)
+        back[torch.nonzero(scores_t == t).view(-1)[:need]] = True
+    pos, vals = torch.cat(positions), torch.cat(ft_values)
+    out_i.view(-1)[pos[back]] = vals[back]
+    return ft, n - k
+
+
+def reference_repair(base, ft, psi, a, w, update_ratio) -> tuple[torch.Tensor, int]:
+    """The reference path, in full: what `repair_recut` must equal."""
+    mask = cut_mask(score_matrix(base, psi, a, w), update_ratio)
+    as_int = INT_OF_SIZE[base.element_size()]
+    out = torch.where(mask, base.view(as_int), ft.view(as_int)).view(base.dtype)
+    return out, int(torch.count_nonzero(mask))
+
+
+class RangeWriter(StreamingWriter):
+    """A `StreamingWriter` that can also fill a tensor's slot by a kernel copy from another file."""
+
+    def copy_range(self, name: str, src: str | os.PathLike, start: int, end: int) -> None:
+        """Append the next tensor as bytes [start, end) of file `src`, copied by the kernel."""
+        exp_name, _dtype, _shape, nbytes = self._order[self._next]
+        if name != exp_name:
+            raise ValueError(f"expected tensor {exp_name!r} next, got {name!r}")
+        if end - start != nbytes:
+            raise ValueError(f"{name}: got {end - start} bytes, header says {nbytes}")
+        self._file.flush()
+        out_fd = self._file.fileno()
+        with open(src, "rb") as f:
+            offset, left = start, nbytes
+            while left:
+                done = os.copy_file_range(f.fileno(), out_fd, left, offset)
+                if done <= 0:
+                    raise OSError(f"{src}: short copy of {name!r}")
+                offset += done
+                left -= done
+        self._next += 1

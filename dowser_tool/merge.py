@@ -39,7 +39,7 @@ from .names import NameMap, architecture_for, canonical_name, ties_embeddings
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
 from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, role_tensors
-from .merge_kernels import RangeWriter, intra_op_threads, read_tensor, repair_recut
+from .merge_kernels import BufferPool, RangeWriter, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
@@ -186,6 +186,8 @@ class Merge:
             self.src_map = NameMap(self.ft.tensor_names(), self.arch,
                                    ties_embeddings(self.ft.config, self.arch), self.ft.where)
         self._check_provenance()
+        # Tensors read, computed and written: a few in flight (WORKERS computing, LOOKAHEAD waiting, one written).
+        self._buffers = BufferPool(keep=2 * WORKERS + LOOKAHEAD + 1)
         self.items = self._plan_items()
         self.layout = self._plan_layout()
 
@@ -383,7 +385,7 @@ class Merge:
 
     def _finetuned(self, item: Item, canon: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(FT's value of an output tensor in the output dtype, the source tensor it came from)."""
-        ft = ft_source = read_tensor(self.src, item.name)
+        ft = ft_source = read_tensor(self.src, item.name, self._buffers)
         if self.adapter:
             ft = self.adapter.apply(canon, ft_source)
         return ft.to(DTYPES[item.dtype]), ft_source
@@ -395,13 +397,16 @@ class Merge:
         if not item.mask_names:
             return ft, 0
         # For an adapter the source is BASE itself: reuse the weight just read.
-        base = ft_source if self.adapter and item.base_name == item.name else read_tensor(self.base, item.base_name)
+        own_base = not (self.adapter and item.base_name == item.name)
+        base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
         if self._recut(restore) and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape \
                 and base.dim() == 2:
             if ft.data_ptr() == base.data_ptr():
                 ft = ft.clone()  # repair_recut writes into FT's tensor
             fast = repair_recut(base, ft, *self.sidecar.stats(item.mask_names[0]), 1.0 - restore)
             if fast is not None:
+                if own_base:
+                    self._buffers.give_back(base)
                 return fast
             ft, _ = self._finetuned(item, canon)  # the sampled bracket missed (FT was overwritten): reference path
         mask = self._protected(item, base, restore)
@@ -442,9 +447,12 @@ class Merge:
                             item, data, entries = next(values)
                             if isinstance(data, _Span):
                                 writer.copy_range(name, data.path, data.start, data.end)
+                            elif isinstance(data, torch.Tensor):
+                                writer.write(name, data)
+                                self._buffers.give_back(data)
+                                since_trim += item.nbytes
                             else:
                                 writer.write(name, data)
-                                since_trim += item.nbytes
                             del data
                             if since_trim >= TRIM_EVERY:  # freed pages back to the OS: memory stays a few tensors
                                 trim_heap()

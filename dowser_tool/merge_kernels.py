@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
+import weakref
 
 import torch
 
@@ -50,14 +52,54 @@ def intra_op_threads(n: int):
         torch.set_num_threads(before)
 
 
-def read_tensor(ckpt, name: str) -> torch.Tensor:
-    """One tensor of a local safetensors checkpoint, read with preadv into a fresh tensor; any
-    other source (Hub ranges, pickles) through `Checkpoint.read`."""
+class BufferPool:
+    """Reusable memory for tensors of a few tens of MB. A fresh allocation that size is mapped by
+    the allocator and faulted in 4 KiB at a time while it is filled (about as slow as reading the
+    bytes); a buffer given back is handed out again for any tensor it can hold. Keeps at most
+    `keep` buffers (the largest), so memory stays a few tensors."""
+
+    def __init__(self, keep: int):
+        self.keep = keep
+        self._free: list[torch.Tensor] = []  # flat uint8 buffers ready to hand out
+        self._made: dict[int, weakref.ref] = {}  # id -> buffer, for every buffer this pool made (weakly)
+        self._lock = threading.Lock()
+
+    def empty(self, shape, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor; its buffer lives as long as the returned tensor object does."""
+        nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+        with self._lock:
+            fits = [i for i, b in enumerate(self._free) if b.numel() >= nbytes]
+            buf = self._free.pop(min(fits, key=lambda i: self._free[i].numel())) if fits else None
+        if buf is None:
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+            key = id(buf)
+            self._made[key] = weakref.ref(buf, lambda _, key=key: self._made.pop(key, None))
+        out = buf[:nbytes].view(dtype).view(shape)
+        out._pool_buffer = buf  # (dtype views do not record their base)
+        return out
+
+    def give_back(self, tensor: torch.Tensor) -> None:
+        """Offer the memory under `tensor`, a tensor returned by `empty`, for reuse; the caller must not
+        use it, or any view of it, again. Any other tensor is ignored, so memory that is not the
+        pool's (a memory-mapped input) is never written."""
+        buf = getattr(tensor, "_pool_buffer", None)
+        with self._lock:
+            made = self._made.get(id(buf)) if buf is not None else None
+            if made is None or made() is not buf or any(b is buf for b in self._free):
+                return
+            self._free.append(buf)
+            self._free.sort(key=torch.Tensor.numel, reverse=True)
+            del self._free[self.keep:]
+
+
+def read_tensor(ckpt, name: str, pool: BufferPool | None = None) -> torch.Tensor:
+    """One tensor of a local safetensors checkpoint, read with preadv into a tensor (from `pool`
+    if given); any other source (Hub ranges, pickles) through `Checkpoint.read`."""
     ref = ckpt.ref(name)
     if ref.entry is None or ckpt.is_remote:
         return ckpt.read(name)
     e = ref.entry
-    out = torch.empty(e.shape, dtype=e.torch_dtype)
+    out = pool.empty(e.shape, e.torch_dtype) if pool is not None else torch.empty(e.shape, dtype=e.torch_dtype)
     if e.nbytes:
         view = memoryview(out.view(-1).view(torch.uint8).numpy())
         fd = os.open(ckpt.file_path(ref.file), os.O_RDONLY)
@@ -73,13 +115,24 @@ def read_tensor(ckpt, name: str) -> torch.Tensor:
     return out
 
 
+_local = threading.local()
+
+
+def _product_buffer(rows: int, cols: int) -> torch.Tensor:
+    """This thread's float32 buffer for a score product, grown as needed and reused (see BufferPool)."""
+    buf = getattr(_local, "product", None)
+    if buf is None or buf.numel() < rows * cols:
+        buf = _local.product = torch.empty(rows * cols)
+    return buf[: rows * cols].view(rows, cols)
+
+
 def _score_blocks(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor):
     """(r0, r1, rows r0:r1 of score_matrix) in cache-sized blocks. The matrix product is one call
     over the whole matrix, exactly as `scoring.score_matrix` makes it (MKL does not give a row
     block of the product the bits of the full product for every shape); the product with |W|,
     elementwise, is done block by block in place."""
     rows, cols = weight.shape
-    product = torch.mm(psiw_t, a)
+    product = torch.mm(psiw_t, a, out=_product_buffer(rows, cols))
     step = max(1, BLOCK_ENTRIES // cols)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)

@@ -94,3 +94,17 @@ def test_merge_with_matrices_on_the_fast_path_is_exact(tmp_path, restore):
     assert any(state_dict(base)[n].numel() > 4 * SAMPLE for n in stats)  # the fast path runs
     merge_checkpoint(base, ft, mask, tmp_path / "out", restore=restore, progress=False)
     assert_output(tmp_path / "out", expected(state_dict(base), state_dict(ft), stats, restore))
+
+
+def test_buffer_pool_reuses_its_own_buffers_only():
+    from dowser_tool.merge_kernels import BufferPool
+
+    pool = BufferPool(keep=2)
+    first = pool.empty((1000, 1000), torch.bfloat16)
+    ptr = first.data_ptr()
+    pool.give_back(first)
+    assert pool.empty((500, 500), torch.float32).data_ptr() == ptr  # a smaller tensor fits the same memory
+    foreign = torch.zeros(1000, 1000)
+    pool.give_back(foreign)  # not the pool's: never handed out (it could be a memory-mapped input)
+    assert pool.empty((1000, 1000), torch.float32).data_ptr() != foreign.data_ptr()
+    assert torch.equal(foreign, torch.zeros(1000, 1000))

@@ -30,6 +30,7 @@ import os
 import threading
 import weakref
 
+import numpy as np
 import torch
 
 from .safetensors_format import StreamingWriter
@@ -38,6 +39,7 @@ from .scoring import cut_mask, score_matrix, trainable_count
 BLOCK_ENTRIES = 1 << 18  # entries per score block: 1 MiB of float32, cache-resident
 SAMPLE = 1 << 16  # scores sampled to bracket the threshold (as scoring.kth_smallest)
 INT_OF_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+NUMPY_INT = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 @contextlib.contextmanager
@@ -160,10 +162,11 @@ def _bracket(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor, k: int
     idx = torch.randint(0, n, (SAMPLE,), generator=gen)
     rows, cols_ = idx // cols, idx % cols
     sampled = (psiw_t[rows] * a[:, cols_].T).sum(1) * weight.reshape(-1)[idx].abs().float()
-    picked = sampled.sort().values
     q = k / n * SAMPLE
     slack = 8 * (q * (1 - k / n)) ** 0.5 + 64
-    return float(picked[max(0, int(q - slack))]), float(picked[min(SAMPLE - 1, int(q + slack))])
+    at = [max(0, int(q - slack)), min(SAMPLE - 1, int(q + slack))]
+    picked = np.partition(sampled.numpy(), at)  # NaN sorts last, as in torch.sort
+    return float(picked[at[0]]), float(picked[at[1]])
 
 
 def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
@@ -187,32 +190,54 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     lo, hi = _bracket(base, psiw_t, a, k)
     if lo != lo or hi != hi:  # NaN in the sample: leave NaN ordering to the reference path
         return reference_repair(base, ft, psi, a, w, update_ratio)
-    as_int = INT_OF_SIZE[base.element_size()]
-    base_i, out_i = base.view(as_int), ft.view(as_int)
+    as_int = NUMPY_INT[base.element_size()]
+    # numpy for the comparisons, counts, index lists and the selection: several times faster than
+    # torch's CPU kernels on blocks this size, and bit-exact on integer views.
+    base_np = base.view(INT_OF_SIZE[base.element_size()]).view(-1).numpy()
+    out_np = ft.view(INT_OF_SIZE[ft.element_size()]).view(-1).numpy()
     cols = base.shape[1]
+    scratch = _block_scratch(min(n, max(cols, BLOCK_ENTRIES)), as_int)
     below = 0
     positions, scores, ft_values = [], [], []
     for r0, r1, score in _score_blocks(base, psiw_t, a):
-        trainable = score < lo
-        below += int(torch.count_nonzero(trainable))
-        inside = (score <= hi).logical_xor_(trainable).view(-1)  # lo <= score <= hi (NaN: in neither)
-        where = inside.nonzero().view(-1)
-        block_out = out_i[r0:r1]
-        positions.append(where + r0 * cols)
-        scores.append(score.view(-1)[where])
-        ft_values.append(block_out.reshape(-1)[where])
-        torch.where(trainable, block_out, base_i[r0:r1], out=block_out)  # all but the trainable: BASE
-    scores_t = torch.cat(scores)
-    if not below < k <= below + scores_t.numel():
+        m = (r1 - r0) * cols
+        score_np, start = score.view(-1).numpy(), r0 * cols
+        base_blk, out_blk = base_np[start : start + m], out_np[start : start + m]
+        trainable, inside, keep, diff = (buf[:m] for buf in scratch)
+        np.less(score_np, lo, out=trainable)  # NaN: False, so protected, as in scoring.cut_mask
+        below += int(np.count_nonzero(trainable))
+        np.less_equal(score_np, hi, out=inside)
+        np.logical_xor(inside, trainable, out=inside)  # lo <= score <= hi
+        where = np.flatnonzero(inside)
+        positions.append(where + start)
+        scores.append(score_np[where])
+        ft_values.append(out_blk[where])
+        # out = FT where trainable, else BASE: FT ^ ((FT ^ BASE) & (trainable - 1)), on the raw bits
+        np.subtract(trainable, 1, out=keep, dtype=as_int, casting="unsafe")
+        np.bitwise_xor(out_blk, base_blk, out=diff)
+        np.bitwise_and(diff, keep, out=diff)
+        np.bitwise_xor(out_blk, diff, out=out_blk)
+    scores_np = np.concatenate(scores)
+    if not below < k <= below + scores_np.size:
         return None  # the bracket missed the threshold (FT was overwritten: the caller reads it again)
-    t = torch.kthvalue(scores_t, k - below).values
-    back = scores_t < t
-    need = k - below - int(torch.count_nonzero(back))
+    t = np.partition(scores_np, k - below - 1)[k - below - 1]
+    back = scores_np < t
+    need = k - below - int(np.count_nonzero(back))
     if need > 0:  # ties at the threshold: the lowest flat indices become trainable (scoring.cut_mask)
-        back[torch.nonzero(scores_t == t).view(-1)[:need]] = True
-    pos, vals = torch.cat(positions), torch.cat(ft_values)
-    out_i.view(-1)[pos[back]] = vals[back]
+        back[np.flatnonzero(scores_np == t)[:need]] = True
+    pos, vals = np.concatenate(positions), np.concatenate(ft_values)
+    out_np[pos[back]] = vals[back]
     return ft, n - k
+
+
+def _block_scratch(entries: int, as_int) -> list[np.ndarray]:
+    """This thread's block buffers (trainable, inside, selection mask, bit differences), reused."""
+    key = (entries, as_int)
+    if getattr(_local, "scratch_key", None) != key:
+        _local.scratch_key = key
+        _local.scratch = [np.empty(entries, bool), np.empty(entries, bool), np.empty(entries, as_int),
+                          np.empty(entries, as_int)]
+    return _local.scratch
 
 
 def reference_repair(base, ft, psi, a, w, update_ratio) -> tuple[torch.Tensor, int]:

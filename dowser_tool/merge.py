@@ -39,7 +39,7 @@ from .names import NameMap, architecture_for, canonical_name, ties_embeddings
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
 from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, role_tensors
-from .merge_kernels import BufferPool, RangeWriter, intra_op_threads, read_tensor, repair_recut
+from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
@@ -399,11 +399,14 @@ class Merge:
         # For an adapter the source is BASE itself: reuse the weight just read.
         own_base = not (self.adapter and item.base_name == item.name)
         base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
-        if self._recut(restore) and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape \
-                and base.dim() == 2:
+        if len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape and base.dim() == 2:
             if ft.data_ptr() == base.data_ptr():
-                ft = ft.clone()  # repair_recut writes into FT's tensor
-            fast = repair_recut(base, ft, *self.sidecar.stats(item.mask_names[0]), 1.0 - restore)
+                ft = ft.clone()  # the kernels write into FT's tensor
+            name = item.mask_names[0]
+            if self._recut(restore):
+                fast = repair_recut(base, ft, *self.sidecar.stats(name), 1.0 - restore)
+            else:
+                fast = apply_stored(base, ft, self.sidecar.packed_mask(name))
             if fast is not None:
                 if own_base:
                     self._buffers.give_back(base)

@@ -212,11 +212,8 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
         positions.append(where + start)
         scores.append(score_np[where])
         ft_values.append(out_blk[where])
-        # out = FT where trainable, else BASE: FT ^ ((FT ^ BASE) & (trainable - 1)), on the raw bits
-        np.subtract(trainable, 1, out=keep, dtype=as_int, casting="unsafe")
-        np.bitwise_xor(out_blk, base_blk, out=diff)
-        np.bitwise_and(diff, keep, out=diff)
-        np.bitwise_xor(out_blk, diff, out=out_blk)
+        np.subtract(trainable, 1, out=keep, dtype=as_int, casting="unsafe")  # protected: all ones
+        _take_base(out_blk, base_blk, keep, diff)
     scores_np = np.concatenate(scores)
     if not below < k <= below + scores_np.size:
         return None  # the bracket missed the threshold (FT was overwritten: the caller reads it again)
@@ -228,6 +225,36 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     pos, vals = np.concatenate(positions), np.concatenate(ft_values)
     out_np[pos[back]] = vals[back]
     return ft, n - k
+
+
+def _take_base(out: np.ndarray, base: np.ndarray, take: np.ndarray, diff: np.ndarray) -> None:
+    """out = where(take, base, out) on raw bits, in place: out ^ ((out ^ base) & take), with `take`
+    all ones (-1) or zero per entry. Three integer passes, faster than numpy's or torch's where."""
+    np.bitwise_xor(out, base, out=diff)
+    np.bitwise_and(diff, take, out=diff)
+    np.bitwise_xor(out, diff, out=out)
+
+
+def apply_stored(base: torch.Tensor, ft: torch.Tensor, packed: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """`where(mask, base, ft)` for a mask stored bit-packed (docs/FORMAT.md: row-major, most
+    significant bit first, 1 = protected), unpacked block by block; ft is overwritten and returned,
+    with the number of entries taken from BASE. base, ft: tensors of one shape and dtype."""
+    if base.shape != ft.shape or base.dtype != ft.dtype:
+        raise ValueError("apply_stored needs two tensors of one shape and dtype")
+    n, as_int = base.numel(), NUMPY_INT[base.element_size()]
+    base_np = base.view(INT_OF_SIZE[base.element_size()]).reshape(-1).numpy()
+    out_np = ft.view(INT_OF_SIZE[ft.element_size()]).view(-1).numpy()
+    bits_np = packed.numpy()
+    step = BLOCK_ENTRIES  # a multiple of 8: blocks start on byte boundaries
+    _, _, take, diff = _block_scratch(min(n, step), as_int)
+    restored = 0
+    for start in range(0, n, step):
+        m = min(step, n - start)
+        protected = np.unpackbits(bits_np[start // 8 : (start + m + 7) // 8], count=m)
+        restored += int(np.count_nonzero(protected))
+        np.negative(protected, out=take[:m], dtype=as_int, casting="unsafe")
+        _take_base(out_np[start : start + m], base_np[start : start + m], take[:m], diff[:m])
+    return ft, restored
 
 
 def _block_scratch(entries: int, as_int) -> list[np.ndarray]:

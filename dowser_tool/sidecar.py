@@ -246,7 +246,11 @@ class Sidecar:
             return f.get_tensor(key)
 
     def mask(self, name: str) -> torch.Tensor:
-        return unpack_bits(self._get(f"mask/{name}"), self.shapes[name])
+        return unpack_bits(self.packed_mask(name), self.shapes[name])
+
+    def packed_mask(self, name: str) -> torch.Tensor:
+        """The mask of `name` as stored: U8 (ceil(numel / 8),), most significant bit first, 1 = protected."""
+        return self._get(f"mask/{name}")
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {n: self.mask(n) for n in self.names}

@@ -108,3 +108,18 @@ def test_buffer_pool_reuses_its_own_buffers_only():
     pool.give_back(foreign)  # not the pool's: never handed out (it could be a memory-mapped input)
     assert pool.empty((1000, 1000), torch.float32).data_ptr() != foreign.data_ptr()
     assert torch.equal(foreign, torch.zeros(1000, 1000))
+
+
+@pytest.mark.parametrize("shape,dtype", [((700, 1001), torch.bfloat16), ((3, 5), torch.float32),
+                                         ((600, 900), torch.float16)])
+def test_stored_masks_apply_bit_for_bit(shape, dtype):
+    from dowser_tool.merge_kernels import BLOCK_ENTRIES, apply_stored
+    from dowser_tool.sidecar import pack_bits
+
+    base, ft, *_ = inputs(*shape, 2, dtype, nan=True)
+    mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.7
+    assert shape[0] * shape[1] % 8 or shape[0] * shape[1] > BLOCK_ENTRIES  # a padded last byte, or several blocks
+    out, restored = apply_stored(base, ft.clone(), pack_bits(mask))
+    as_int = INT[base.element_size()]
+    assert torch.equal(out.view(as_int), torch.where(mask, base.view(as_int), ft.view(as_int)))
+    assert restored == int(mask.sum())

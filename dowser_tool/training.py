@@ -198,10 +198,11 @@ class ProtectHandle:
                 guard.restore()
         else:
             optimizer = torch_optimizer(optimizer)
-            if id(optimizer) not in self._checked:
+            stepped = list(self._stepped(optimizer))
+            if stepped and id(optimizer) not in self._checked:  # (an optimizer of other parameters is not ours)
                 check_optimizer(optimizer)
                 self._checked.add(id(optimizer))
-            for p, guard in self._stepped(optimizer):
+            for p, guard in stepped:
                 guard.restore()
                 guard.reset_state(optimizer.state.get(p, {}))
         self.steps += 1

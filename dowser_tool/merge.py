@@ -37,8 +37,9 @@ from .errors import DowserError
 from .lora_merge import LoraAdapter, is_adapter
 from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
-from .safetensors_format import DTYPES, TORCH_TO_ST, StreamingWriter, itemsize
+from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
 from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar
+from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
@@ -53,6 +54,7 @@ _COPIED_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".md", ".tiktoken", ".p
 _NOT_COPIED = {SAFETENSORS_INDEX, PICKLE_INDEX, ADAPTER_CONFIG, REPAIR_RECORD}
 # Tensors prepared ahead of the writer, and threads preparing them: a few tensors in memory at most.
 WORKERS, LOOKAHEAD = 2, 2
+TRIM_EVERY = 256 << 20  # bytes of decoded tensors written between heap trims (a trim walks the whole heap)
 
 
 def warn(message: str) -> None:
@@ -186,6 +188,8 @@ class Merge:
             self.src_rules = KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
             self.src_map = NameMap(self.ft.tensor_names(), self.src_rules, self.ft.where)
         self._check_provenance()
+        # Tensors read, computed and written: a few in flight (WORKERS computing, LOOKAHEAD waiting, one written).
+        self._buffers = BufferPool(keep=2 * WORKERS + LOOKAHEAD + 1)
         self.items = self._plan_items()
         self.layout = self._plan_layout()
 
@@ -357,10 +361,13 @@ class Merge:
                  f"--restore (default {DEFAULT_RESTORE})")
         return [None]
 
+    def _recut(self, restore: float | None) -> bool:
+        """Whether masks are re-cut at this strength. At the sidecar's own strength its stored masks
+        are the ones to apply (the ones trained with, and re-cutting costs more than the I/O)."""
+        return not (restore is None or (self.own_restore is not None and abs(restore - self.own_restore) < 1e-9))
+
     def _protected(self, item: Item, base_weight: torch.Tensor, restore: float | None) -> torch.Tensor:
-        # At the sidecar's own strength its stored masks are the ones to apply (the ones trained
-        # with, and re-cutting costs more than the I/O); other strengths are re-cut.
-        stored = restore is None or (self.own_restore is not None and abs(restore - self.own_restore) < 1e-9)
+        stored = not self._recut(restore)
         mask = None
         for mask_name in item.mask_names:  # tied weights: an entry is protected if any role protects it
             m = self.sidecar.mask(mask_name) if stored else self.sidecar.recut(mask_name, base_weight, 1.0 - restore)
@@ -369,26 +376,46 @@ class Merge:
 
     # ---- writing ------------------------------------------------------
     def _produce(self, item: Item, restore: float | None):
-        """(item, bytes or tensor to write, entries restored)."""
+        """(item, what to write, entries restored): a tensor, raw bytes, or a `_Span` of a local file."""
         if self._raw(item):
             ref = self.src.ref(item.name)
+            if not self.src.is_remote:
+                return item, _Span(self.src.file_path(ref.file), ref.entry.start, ref.entry.end), 0
             return item, self.src.read_bytes(ref.file, ref.entry.start, ref.entry.end), 0
         return (item, *self._value(item, restore))
+
+    def _finetuned(self, item: Item, canon: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(FT's value of an output tensor in the output dtype, the source tensor it came from)."""
+        ft = ft_source = read_tensor(self.src, item.name, self._buffers)
+        if self.adapter:
+            ft = self.adapter.apply(canon, ft_source)
+        return ft.to(DTYPES[item.dtype]), ft_source
 
     def _value(self, item: Item, restore: float | None) -> tuple[torch.Tensor, int]:
         """The output tensor and how many entries were restored from BASE."""
         canon = self.src_map.to_canonical(item.name)
-        ft = ft_source = self.src.read(item.name)
-        if self.adapter:
-            ft = self.adapter.apply(canon, ft_source)
-        out_dtype = DTYPES[item.dtype]
-        ft = ft.to(out_dtype)
+        ft, ft_source = self._finetuned(item, canon)
         if not item.mask_names:
             return ft, 0
         # For an adapter the source is BASE itself: reuse the weight just read.
-        base = ft_source if self.adapter and item.base_name == item.name else self.base.read(item.base_name)
+        own_base = not (self.adapter and item.base_name == item.name)
+        base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
+        kernel = not (self._recut(restore) and self.sidecar.transposed(item.mask_names[0]))  # (out, in) only
+        if kernel and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape and base.dim() == 2:
+            if ft.data_ptr() == base.data_ptr():
+                ft = ft.clone()  # the kernels write into FT's tensor
+            name = item.mask_names[0]
+            if self._recut(restore):
+                fast = repair_recut(base, ft, *self.sidecar.stats(name), 1.0 - restore)
+            else:
+                fast = apply_stored(base, ft, self.sidecar.packed_mask(name))
+            if fast is not None:
+                if own_base:
+                    self._buffers.give_back(base)
+                return fast
+            ft, _ = self._finetuned(item, canon)  # the sampled bracket missed (FT was overwritten): reference path
         mask = self._protected(item, base, restore)
-        base = base.to(out_dtype)
+        base = base.to(ft.dtype)
         rows = min(ft.shape[0], base.shape[0]) if ft.dim() else None
         if rows is not None and (rows != ft.shape[0] or rows != base.shape[0]):
             mask, base = mask[:rows], base[:rows]
@@ -396,7 +423,7 @@ class Merge:
             out[:rows] = _select_bits(mask, base, ft[:rows])
         else:
             out = _select_bits(mask, base, ft)
-        return out, int(mask.sum())
+        return out, int(torch.count_nonzero(mask))
 
     def write(self, dest: Path, restore: float | None) -> MergeSummary:
         start = time.monotonic()
@@ -406,9 +433,13 @@ class Merge:
                                            disable=not self.progress, leave=False) as bar:
             copies = {file: self._copyable_shard(file, names) for file, names in self.layout}
             streamed = [self.items[n] for file, names in self.layout if copies[file] is None for n in names]
-            with ThreadPoolExecutor(WORKERS) as pool, contextlib.closing(
+            # Workers run single-threaded torch ops on a tensor each (intra_op_threads), the main thread
+            # writes: both cores compute while the writes go out.
+            with ThreadPoolExecutor(WORKERS) as pool, intra_op_threads(1), contextlib.closing(
                 _in_order(pool, lambda item: self._produce(item, restore), streamed)
             ) as values:
+                mask_sha = pool.submit(_file_sha256, self.sidecar.path)
+                since_trim = 0
                 for file, names in self.layout:
                     if copies[file] is not None:
                         shutil.copyfile(self.src.file_path(copies[file]), tmp / file)
@@ -416,15 +447,25 @@ class Merge:
                         bar.update(sum(self.items[n].nbytes for n in names))
                         continue
                     specs = [(n, self.items[n].dtype, self.items[n].shape) for n in names]
-                    with StreamingWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
+                    with RangeWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
                         for name in names:
                             item, data, entries = next(values)
-                            writer.write(name, data)
+                            if isinstance(data, _Span):
+                                writer.copy_range(name, data.path, data.start, data.end)
+                            elif isinstance(data, torch.Tensor):
+                                writer.write(name, data)
+                                self._buffers.give_back(data)
+                                since_trim += item.nbytes
+                            else:
+                                writer.write(name, data)
                             del data
-                            trim_heap()  # freed tensors' pages back to the OS: memory stays a few tensors
+                            if since_trim >= TRIM_EVERY:  # freed pages back to the OS: memory stays a few tensors
+                                trim_heap()
+                                since_trim = 0
                             restored_tensors += bool(item.mask_names)
                             restored_entries += entries
                             bar.update(item.nbytes)
+                self._mask_sha256 = mask_sha.result()
             self._write_index(tmp)
             self._copy_files(tmp)
             summary = MergeSummary(dest, restore, restored_tensors, restored_entries, total,
@@ -504,7 +545,7 @@ class Merge:
             "finetuned": {**ckpt_record(self.ft), "kind": "lora-adapter" if self.adapter else "full"},
             "mask": {
                 "path": str(self.sidecar.path.resolve()),
-                "sha256": _file_sha256(self.sidecar.path),
+                "sha256": self._mask_sha256,
                 "base_model": self.sidecar.metadata.get("base_model"),
                 "has_stats": self.sidecar.has_stats,
             },
@@ -516,6 +557,15 @@ class Merge:
             "entries_restored": summary.entries_restored,
         }
         (tmp / REPAIR_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class _Span:
+    """Bytes [start, end) of a local file: an unchanged tensor, copied by the kernel."""
+
+    path: Path
+    start: int
+    end: int
 
 
 def _safetensors_name(file: str) -> str:

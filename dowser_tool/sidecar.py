@@ -221,7 +221,11 @@ class Sidecar:
             return f.get_tensor(key)
 
     def mask(self, name: str) -> torch.Tensor:
-        return unpack_bits(self._get(f"mask/{name}"), self.shapes[name])
+        return unpack_bits(self.packed_mask(name), self.shapes[name])
+
+    def packed_mask(self, name: str) -> torch.Tensor:
+        """The mask of `name` as stored: U8 (ceil(numel / 8),), most significant bit first, 1 = protected."""
+        return self._get(f"mask/{name}")
 
     def masks(self) -> dict[str, torch.Tensor]:
         return {n: self.mask(n) for n in self.names}
@@ -235,6 +239,17 @@ class Sidecar:
     def probe_tokens(self) -> torch.Tensor | None:
         return self._get("probe/token_ids") if "probe/token_ids" in self._keys else None
 
+    def transposed(self, name: str) -> bool:
+        """Whether `name` is stored (in, out), as transformers' Conv1D (GPT-2) stores its weights
+        (`tensor_info` layout "in_out"; masks and statistics then follow that layout)."""
+        info = (self.metadata.get("tensor_info") or {}).get(name) or {}
+        return info.get("layout") == "in_out"
+
+    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """The Dowser score of `name` (float32, its stored shape) from statistics and the base weight."""
+        psi, a, w = self.stats(name)
+        return score_matrix(weight, psi, a, w, transposed=self.transposed(name))
+
     def recut(self, name: str, weight: torch.Tensor, update_ratio: float) -> torch.Tensor:
         """The protected mask of `name` at another update ratio, from statistics and the base weight."""
         if tuple(weight.shape) != self.shapes[name]:
@@ -242,8 +257,7 @@ class Sidecar:
                 f"{self.path}: {name!r} has shape {list(self.shapes[name])} in the mask but "
                 f"{list(weight.shape)} in the model"
             )
-        psi, a, w = self.stats(name)
-        return cut_mask(score_matrix(weight, psi, a, w), update_ratio)
+        return cut_mask(self.score(name, weight), update_ratio)
 
     def read_all(self) -> SidecarData:
         data = SidecarData(masks=self.masks(), probe_tokens=self.probe_tokens(), roles=dict(self.roles))

@@ -28,7 +28,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from .errors import DowserError
 from .anatomy import KeyRules, match_names, peft_fold
 from .lora_merge import init_moves_base
-from .scoring import score_matrix, validate_ratio
+from .scoring import validate_ratio
 from .sidecar import Sidecar
 
 # Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
@@ -198,10 +198,11 @@ class ProtectHandle:
                 guard.restore()
         else:
             optimizer = torch_optimizer(optimizer)
-            if id(optimizer) not in self._checked:
+            stepped = list(self._stepped(optimizer))
+            if stepped and id(optimizer) not in self._checked:  # (an optimizer of other parameters is not ours)
                 check_optimizer(optimizer)
                 self._checked.add(id(optimizer))
-            for p, guard in self._stepped(optimizer):
+            for p, guard in stepped:
                 guard.restore()
                 guard.reset_state(optimizer.state.get(p, {}))
         self.steps += 1
@@ -267,8 +268,7 @@ class _MaskSource:
         return self.sidecar.mask(name)
 
     def score(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
-        psi, a, w = self.sidecar.stats(name)
-        return score_matrix(base_weight, psi, a, w)
+        return self.sidecar.score(name, base_weight)
 
 
 def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None = None, optimizer=None,

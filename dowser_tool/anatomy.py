@@ -263,6 +263,32 @@ def _ignored_keys(model):
     return re.compile("|".join(f"({p})" for p in patterns)) if patterns else None
 
 
+def expert_slices(converter, pattern_of: dict[str, str], shapes: dict) -> dict[str, tuple[int, tuple[int, int]]]:
+    """{key: (expert index, row range)} of per-expert checkpoint tensors inside the 3-D parameter a
+    weight converter fuses them into, for the converters transformers 5 uses for Mixtral/Qwen-MoE
+    experts: stack experts (`MergeModulelist(dim=0)`), optionally then concatenate projections along
+    rows (`Concatenate(dim=1)`: gate rows first, then up). Keys are taken in the order transformers
+    collects them (natural sort within each source pattern). Empty for any other conversion.
+    """
+    from transformers.core_model_loading import Concatenate, MergeModulelist
+
+    ops = list(converter.operations)
+    stacked = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
+    if not stacked or not (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)):
+        return {}
+    by_pattern: dict[str, list[str]] = {}
+    for k in sorted(pattern_of, key=natural_key):
+        by_pattern.setdefault(pattern_of[k], []).append(k)
+    out, offset = {}, 0
+    for pattern in converter.source_patterns:
+        group = by_pattern.get(pattern, [])
+        for e, k in enumerate(group):
+            out[k] = (e, (offset, offset + shapes[k][0]))
+        if group:
+            offset += shapes[group[0]][0]
+    return out
+
+
 class Anatomy:
     """The parts of one checkpoint's model, found once; streaming, probe, merge and protect ask it.
 
@@ -381,33 +407,14 @@ class Anatomy:
         return sorted(out, key=lambda w: natural_key(w.key))
 
     def _expert_weights(self, param: str, module: str, layer: int) -> list[Weight]:
-        """Per-expert checkpoint tensors of a fused 3-D parameter and where each sits in it.
-
-        Supported: the converters that stack experts (`MergeModulelist(dim=0)`), optionally
-        followed by `Concatenate(dim=1)` of several projections (gate, up), which is how
-        transformers 5 fuses Mixtral/Qwen-MoE experts. Anything else is left unscored.
-        """
-        from transformers.core_model_loading import Concatenate, MergeModulelist
-
+        """Per-expert checkpoint tensors of a fused 3-D parameter and where each sits in it."""
         conv = self.keys.converter.get(param)
         if conv is None:
             return []  # stored fused on disk: see unscorable()
-        ops = list(conv.operations)
-        stacked = bool(ops) and isinstance(ops[0], MergeModulelist) and ops[0].dim == 0
-        if not stacked or not (len(ops) == 1 or (len(ops) == 2 and isinstance(ops[1], Concatenate) and ops[1].dim == 1)):
-            return []
-        by_pattern: dict[str, list[str]] = {}
-        for k in self.keys.sources[param]:
-            by_pattern.setdefault(self.keys.pattern[k], []).append(k)
-        out, offset = [], 0
-        for pattern in conv.source_patterns:
-            group = by_pattern.get(pattern, [])
-            for e, k in enumerate(group):
-                rows = self.shapes[k][0]
-                out.append(Weight(k, param, module, "decoder", "expert", layer, expert=e, rows=(offset, offset + rows)))
-            if group:
-                offset += self.shapes[group[0]][0]
-        return out
+        keys = self.keys.sources[param]
+        slices = expert_slices(conv, {k: self.keys.pattern[k] for k in keys}, self.shapes)
+        return [Weight(k, param, module, "decoder", "expert", layer, expert=e, rows=rows)
+                for k, (e, rows) in slices.items()]
 
     def unscorable(self, i: int) -> list[str]:
         """Checkpoint keys of layer i's 3-D expert tensors stored fused on disk (not per expert):
@@ -514,13 +521,15 @@ class KeyRules:
         self.model, self.prefix = model, prefix
         self.embed = self.head = self.text_config_key = None
         self.tied: dict[str, str] = {}
-        self._renamings, self._meta, self._base_prefix = [], {}, None
+        self._renamings, self._converters, self._meta, self._base_prefix = [], [], {}, None
         if model is None:
             return
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightRenaming
 
-        self._renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+        transforms = get_model_conversion_mapping(model)
+        self._renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        self._converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
         self._meta = dict.fromkeys(fold_key(k) for k in model.state_dict(keep_vars=True))  # PEFT-wrapped too
         self._base_prefix = model.base_model_prefix
         params = {id(p): fold_key(n) for n, p in model.named_parameters(remove_duplicate=False)}
@@ -583,6 +592,32 @@ class KeyRules:
         if renamed not in self._meta and key in self._meta:
             renamed = key
         return renamed
+
+    def expert_placement(self, shapes: dict) -> dict[str, tuple[str, int, tuple[int, int]]]:
+        """For per-expert checkpoint tensors (`shapes`: {key: shape}) that loading fuses into 3-D
+        parameters: {key: (parameter name, expert index, row range)}. Other keys are left out."""
+        from transformers.core_model_loading import rename_source_key
+
+        if self.model is None:
+            return {}
+        groups: dict[str, dict[str, str]] = {}
+        converter_of = {}
+        for key in shapes:
+            folded = fold_key(key)
+            if self.prefix:
+                if not folded.startswith(self.prefix):
+                    continue
+                folded = folded[len(self.prefix):]
+            target, pattern = rename_source_key(folded, self._renamings, self._converters, self._base_prefix, self._meta)
+            if pattern is None or target not in self._meta:
+                continue
+            groups.setdefault(target, {})[key] = pattern
+            converter_of[target] = next(c for c in self._converters if pattern in c.source_patterns)
+        out = {}
+        for target, pattern_of in groups.items():
+            for key, (e, rows) in expert_slices(converter_of[target], pattern_of, shapes).items():
+                out[key] = (target, e, rows)
+        return out
 
     def roles(self, names) -> RoleTensors:
         """Which of `names` (checkpoint keys or parameter names) play the input embedding and the head."""

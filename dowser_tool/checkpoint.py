@@ -43,6 +43,7 @@ _FIRST_READ = 1 << 16  # most headers fit; one request gives header length, head
 class TensorRef:
     file: str  # path relative to the checkpoint root
     entry: TensorEntry | None  # None for pickled tensors
+    key: str = ""  # the tensor's name inside `file` (the checkpoint name without a component prefix)
 
 
 def hub_endpoint() -> str:
@@ -217,11 +218,11 @@ class Checkpoint:
 
     def shape(self, name: str) -> tuple[int, ...]:
         ref = self.ref(name)
-        return ref.entry.shape if ref.entry else tuple(self._pickled(ref.file)[name].shape)
+        return ref.entry.shape if ref.entry else tuple(self._pickled(ref.file)[ref.key].shape)
 
     def dtype(self, name: str) -> torch.dtype:
         ref = self.ref(name)
-        return ref.entry.torch_dtype if ref.entry else self._pickled(ref.file)[name].dtype
+        return ref.entry.torch_dtype if ref.entry else self._pickled(ref.file)[ref.key].dtype
 
     def files(self) -> list[str]:
         """Every file of the checkpoint (relative names)."""
@@ -252,29 +253,31 @@ class Checkpoint:
         out: dict[str, torch.Tensor] = {}
         by_file: dict[str, list[TensorEntry]] = {}
         mapped: dict[str, list[str]] = {}
+        name_of: dict[tuple[str, str], str] = {}  # (file, key inside it) -> checkpoint name
         for name in names:
             ref = self.ref(name)
+            name_of[(ref.file, ref.key)] = name
             if ref.entry is None:
-                out[name] = self._pickled(ref.file)[name]
+                out[name] = self._pickled(ref.file)[ref.key]
             elif self.is_remote and not self._files.download:
                 by_file.setdefault(ref.file, []).append(ref.entry)
             else:
-                mapped.setdefault(ref.file, []).append(name)
-        for file, file_names in mapped.items():
+                mapped.setdefault(ref.file, []).append(ref.key)
+        for file, keys in mapped.items():
             # Map the file only for this read: a mapping kept open would leave every page the
             # probe ever touched resident, and memory must stay near one block.
             from safetensors import safe_open
 
             with safe_open(str(self._files.path(file)), framework="pt", device="cpu") as f:
-                for name in file_names:
-                    out[name] = f.get_tensor(name)
+                for key in keys:
+                    out[name_of[(file, key)]] = f.get_tensor(key)
         for file, entries in by_file.items():
             for start, end, group in _coalesce(entries, gap):
                 buf = memoryview(self._files.read_range(file, start, end))
                 if len(buf) != end - start:
                     raise DowserError(f"{self.where}/{file}: truncated: wanted {end - start} bytes, got {len(buf)}")
                 for e in group:
-                    out[e.name] = tensor_from_bytes(buf[e.start - start : e.end - start], e)
+                    out[name_of[(file, e.name)]] = tensor_from_bytes(buf[e.start - start : e.end - start], e)
         return {n: out[n] for n in names}
 
     def read_bytes(self, file: str, start: int, end: int) -> bytes:
@@ -298,19 +301,21 @@ class Checkpoint:
         except json.JSONDecodeError as e:
             raise DowserError(f"{self.where}/{name}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
-    def _weight_source(self) -> tuple[str, bool] | None:
+    def _weight_source(self, folder: str = "") -> tuple[str, bool] | None:
         """The file transformers (or peft, for an adapter folder) would load, and whether it is an index.
 
         transformers 5 (`modeling_utils._get_resolved_checkpoint_files`): model.safetensors, then
         model.safetensors.index.json, then pytorch_model.bin, then its index; peft reads
         adapter_model.safetensors, then adapter_model.bin. A folder holding both an adapter and full
         model weights is refused: which one a user means cannot be told from the files.
+        `folder` ('' or 'llm/'): where to look, relative to the checkpoint root.
         """
         f = self._files
-        model = [(n, n.endswith(".json")) for n in ("model.safetensors", SAFETENSORS_INDEX, "pytorch_model.bin",
-                                                     PICKLE_INDEX) if f.exists(n)]
-        adapter = [(n, False) for n in ("adapter_model.safetensors", "adapter_model.bin") if f.exists(n)]
-        if f.exists(ADAPTER_CONFIG) and model:
+        model = [(folder + n, n.endswith(".json")) for n in ("model.safetensors", SAFETENSORS_INDEX,
+                                                              "pytorch_model.bin", PICKLE_INDEX) if f.exists(folder + n)]
+        adapter = [(folder + n, False) for n in ("adapter_model.safetensors", "adapter_model.bin")
+                   if f.exists(folder + n)]
+        if f.exists(folder + ADAPTER_CONFIG) and model:
             raise DowserError(
                 f"{self.where}: holds both a LoRA adapter ({ADAPTER_CONFIG}) and full model weights ({model[0][0]}); "
                 "keep one of them in the folder"
@@ -318,24 +323,47 @@ class Checkpoint:
         found = model or adapter
         return found[0] if found else None
 
+    def components(self) -> list[str]:
+        """Sub-models stored in folders of their own, named by `<name>_cfg` entries of the root config
+        (VILA/NVILA: llm/, vision_tower/, mm_projector/), when the root holds no weights itself.
+        Their tensors are named `<name>.<key>`. Empty for an ordinary checkpoint."""
+        config = self.config or {}
+        if self._weight_source() is not None:
+            return []
+        names = [k[: -len("_cfg")] for k, v in config.items() if k.endswith("_cfg") and isinstance(v, (dict, str))]
+        return [n for n in names if self._weight_source(f"{n}/") is not None]
+
     def _index_weights(self, allow_pickle: bool):
-        source = self._weight_source()
-        if source is None:
-            raise DowserError(
-                f"{self.where}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
-                "adapter_model.safetensors or pytorch_model.bin)"
-            )
+        folders = [f"{c}/" for c in self.components()] or [""]
+        files, refs, self.indexes = [], {}, {}
+        for folder in folders:
+            source = self._weight_source(folder)
+            if source is None:
+                raise DowserError(
+                    f"{self.where}: no model weights found (expected model.safetensors, {SAFETENSORS_INDEX}, "
+                    "adapter_model.safetensors or pytorch_model.bin)"
+                )
+            folder_files, folder_refs = self._index_folder(folder, source, allow_pickle)
+            files += folder_files
+            refs.update(folder_refs)
+        self.index = self.indexes.get("")
+        return files, refs
+
+    def _index_folder(self, folder: str, source: tuple[str, bool], allow_pickle: bool):
+        """Weight files and tensor refs of one folder ('' for the root); names get the folder as prefix."""
         name, is_index = source
-        self.index = name if is_index else None
-        weight_map = self._weight_map(name) if is_index else None
+        if is_index:
+            self.indexes[folder] = name
+        weight_map = {k: folder + v for k, v in self._weight_map(name).items()} if is_index else None
         files = sorted(set(weight_map.values())) if is_index else [name]
+        prefix = folder.replace("/", ".")
         refs: dict[str, TensorRef] = {}
         if not name.endswith((".bin", PICKLE_INDEX)):
             for shard in files:
                 for tensor, entry in self._files.header(shard).tensors.items():
-                    if tensor in refs:
-                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[tensor].file} and {shard}")
-                    refs[tensor] = TensorRef(shard, entry)
+                    if prefix + tensor in refs:
+                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[prefix + tensor].file} and {shard}")
+                    refs[prefix + tensor] = TensorRef(shard, entry, tensor)
         else:
             if not allow_pickle:
                 raise DowserError(
@@ -344,11 +372,11 @@ class Checkpoint:
                 )
             for shard in files:
                 for tensor in self._pickled(shard):
-                    if tensor in refs:
-                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[tensor].file} and {shard}")
-                    refs[tensor] = TensorRef(shard, None)
+                    if prefix + tensor in refs:
+                        raise DowserError(f"{self.where}: tensor {tensor!r} appears in {refs[prefix + tensor].file} and {shard}")
+                    refs[prefix + tensor] = TensorRef(shard, None, tensor)
         if weight_map is not None:
-            self._check_index(name, weight_map, refs)
+            self._check_index(name, weight_map, {r.key: r for r in refs.values()})
         return files, refs
 
     def _check_index(self, index_name: str, weight_map: dict, refs: dict[str, TensorRef]) -> None:
@@ -366,8 +394,9 @@ class Checkpoint:
         weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise DowserError(f"{self.where}/{index_name}: no weight_map")
+        folder = index_name.rpartition("/")[0]
         for shard in sorted(set(weight_map.values())):
-            if not self._files.exists(shard):
+            if not self._files.exists(f"{folder}/{shard}" if folder else shard):
                 raise DowserError(f"{self.where}/{index_name}: names shard {shard!r}, which is missing")
         return weight_map
 

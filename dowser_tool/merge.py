@@ -187,6 +187,10 @@ class Merge:
             # FT's own config: it may untie the head, or resize the vocabulary
             self.src_rules = KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
             self.src_map = NameMap(self.ft.tensor_names(), self.src_rules, self.ft.where)
+        self.components = self.src.components()  # sub-model folders (NVILA: llm/, vision_tower/, ...)
+        if self.components and shard_size is not None:
+            raise DowserError(f"{self.src.where}: --shard-size does not apply to a checkpoint stored as sub-model "
+                              f"folders ({', '.join(self.components)}); its shards are kept as they are")
         self._check_provenance()
         # Tensors read, computed and written: a few in flight (WORKERS computing, LOOKAHEAD waiting, one written).
         self._buffers = BufferPool(keep=2 * WORKERS + LOOKAHEAD + 1)
@@ -441,15 +445,17 @@ class Merge:
                 mask_sha = pool.submit(_file_sha256, self.sidecar.path)
                 since_trim = 0
                 for file, names in self.layout:
+                    (tmp / file).parent.mkdir(parents=True, exist_ok=True)
                     if copies[file] is not None:
                         shutil.copyfile(self.src.file_path(copies[file]), tmp / file)
                         copied += 1
                         bar.update(sum(self.items[n].nbytes for n in names))
                         continue
-                    specs = [(n, self.items[n].dtype, self.items[n].shape) for n in names]
+                    specs = [(self._key(n), self.items[n].dtype, self.items[n].shape) for n in names]
                     with RangeWriter(tmp / file, specs, self._shard_metadata(names[0])) as writer:
-                        for name in names:
+                        for item_name in names:
                             item, data, entries = next(values)
+                            name = self._key(item_name)  # the name inside the file
                             if isinstance(data, _Span):
                                 writer.copy_range(name, data.path, data.start, data.end)
                             elif isinstance(data, torch.Tensor):
@@ -480,7 +486,19 @@ class Merge:
         meta.setdefault("format", "pt")
         return meta
 
+    def _key(self, name: str) -> str:
+        """A tensor's name inside its file (without the sub-model folder's prefix)."""
+        return self.src.ref(name).key or name
+
     def _write_index(self, tmp: Path) -> None:
+        if self.components:  # one index per sub-model folder that had one, naming its own tensors
+            for folder, index_name in self.src.indexes.items():
+                weight_map = {self._key(n): file[len(folder):] for file, names in self.layout
+                              if file.startswith(folder) for n in names}
+                total = sum(self.items[n].nbytes for file, names in self.layout if file.startswith(folder) for n in names)
+                index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+                (tmp / index_name).write_text(json.dumps(index, indent=2) + "\n")
+            return
         sharded = len(self.layout) > 1 or (self.shard_size is None and self.src.index is not None)
         if not sharded:
             return
@@ -490,7 +508,15 @@ class Merge:
         (tmp / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
     def _copy_files(self, tmp: Path) -> None:
-        """Config, generation config, tokenizer and processor files: FT's (over BASE's for an adapter)."""
+        """Config, generation config, tokenizer and processor files: FT's (over BASE's for an adapter).
+        For sub-model folders (NVILA): every file of FT that the merge does not write, byte for byte."""
+        if self.components:
+            written = {file for file, _ in self.layout} | set(self.src.indexes.values()) | {REPAIR_RECORD}
+            for name in self.src.files():
+                if name not in written and not (tmp / name).exists():
+                    (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(self.src.file_path(name), tmp / name)
+            return
         sources = [self.base, self.ft] if self.adapter else [self.ft]
         for ckpt in sources:
             for name in ckpt.files():
@@ -512,8 +538,12 @@ class Merge:
         text = config.get(key, config) if key else config
         roles = self.out_roles
         embed = self.items.get(roles.embedding) if roles.embedding else None
-        if embed is not None and embed.shape and text.get("vocab_size") != embed.shape[0]:
-            text["vocab_size"] = embed.shape[0]
+        if embed is not None and embed.shape and isinstance(text.get("vocab_size"), int):
+            # rows the output adds to (or removes from) the embedding the config described (an adapter's
+            # resized copy); not rows = vocab_size, which some families do not keep (Mllama: +8)
+            grown = embed.shape[0] - self.src.shape(roles.embedding)[0]
+            if grown:
+                text["vocab_size"] += grown
         if roles.head and roles.embedding and roles.head != roles.embedding:
             # Both written: tied only if they are still one value (FT stored them equal and nothing
             # the adapter changed makes them differ); transformers 5 unties differing ones anyway.

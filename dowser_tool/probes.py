@@ -33,7 +33,12 @@ class Sampling:
 
 
 def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]]:
-    """(BOS id, special ids) from the config and tokenizer files, without building a tokenizer."""
+    """(BOS id, special ids) from the config and tokenizer files, without building a tokenizer.
+
+    BOS is the tokenizer's `bos_token` when it names one (the released scripts start probes with
+    `tokenizer.bos_token_id`; NVILA's is `[BOS]`), else the config's `bos_token_id`, else its EOS.
+    Tokenizer files are read at the root and in sub-model folders (NVILA's llm/).
+    """
     special: set[int] = set()
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         for cfg in (text_cfg, config):
@@ -44,23 +49,40 @@ def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]
     for key in ("image_token_index", "image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
         if isinstance(config.get(key), int):
             special.add(config[key])
-    for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
-        if fname in ckpt.files():
+    ids: dict[str, int] = {}  # token text -> id, from the tokenizer files
+    tok_bos = None
+    files = set(ckpt.files())
+    for folder in [""] + [f"{c}/" for c in ckpt.components()]:
+        for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+            if folder + fname not in files:
+                continue
             try:
-                doc = json.loads(ckpt.read_text(fname))
+                doc = json.loads(ckpt.read_text(folder + fname))
             except (json.JSONDecodeError, TypeError):
                 continue
             entries = doc.get(field) or {}
             items = entries.items() if isinstance(entries, dict) else [(e.get("id"), e) for e in entries]
             for tid, tok in items:
+                if isinstance(tok, dict) and isinstance(tok.get("content"), str):
+                    ids.setdefault(tok["content"], int(tid))
                 if isinstance(tok, dict) and tok.get("special"):
                     special.add(int(tid))
-    bos = text_cfg.get("bos_token_id", config.get("bos_token_id"))
+            vocab = (doc.get("model") or {}).get("vocab") if fname == "tokenizer.json" else None
+            if isinstance(vocab, dict):
+                for text, tid in vocab.items():
+                    ids.setdefault(text, tid)
+            if fname == "tokenizer_config.json" and tok_bos is None:
+                b = doc.get("bos_token")
+                tok_bos = b.get("content") if isinstance(b, dict) else b
+    bos = ids.get(tok_bos) if isinstance(tok_bos, str) else None
+    if not isinstance(bos, int):
+        bos = text_cfg.get("bos_token_id", config.get("bos_token_id"))
     if not isinstance(bos, int):
         eos = text_cfg.get("eos_token_id", config.get("eos_token_id"))
         bos = eos[0] if isinstance(eos, list) else eos
     if not isinstance(bos, int):
         raise DowserError(f"{ckpt.where}: config has neither bos_token_id nor eos_token_id to start probes with")
+    special.add(bos)
     return bos, special
 
 

@@ -270,6 +270,9 @@ class _MaskSource:
     def score(self, name: str, base_weight: torch.Tensor) -> torch.Tensor:
         return self.sidecar.score(name, base_weight)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self.sidecar.shapes[name]) if self.sidecar is not None else tuple(self._masks[name].shape)
+
 
 def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None = None, optimizer=None,
             lora_axis_fraction: float | None = None) -> ProtectHandle:
@@ -294,9 +297,18 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
         raise DowserError(f"cannot re-cut at update ratio {update_ratio}: the mask holds no score statistics")
     params = dict(model.named_parameters(remove_duplicate=False))
     _refuse_sharded(params)
-    targets = _targets(source, params, model)
+    targets, fused = _targets(source, params, model)
     lora_modules = _lora_modules(model)
     guards, counts, axes, covered, effective = [], [0, 0], {}, [], []
+    for param_name, parts in fused.items():  # per-expert masks of one fused 3-D expert parameter
+        param = params[param_name]
+        if not param.requires_grad:
+            continue
+        mask = _fused_mask(source, parts, param, update_ratio)
+        guards.append(_Guard.keep(param_name, param, mask))
+        covered.append(param_name)
+        counts[0] += int((~mask).sum())
+        counts[1] += int(mask.sum())
     for mask_name, param_name in targets:
         param = params[param_name]
         if param_name in lora_modules:
@@ -327,8 +339,9 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
     return handle
 
 
-def _targets(source: _MaskSource, params: dict, model) -> list[tuple[str, str]]:
-    """(mask name, parameter name) pairs: each mask on the parameter(s) that play its tensor's part.
+def _targets(source: _MaskSource, params: dict, model):
+    """(mask name, parameter name) pairs: each mask on the parameter(s) that play its tensor's part;
+    and {parameter: [(mask name, expert, rows)]} for per-expert masks of fused 3-D expert parameters.
 
     Names are folded through PEFT's renaming and the family's layouts (`anatomy.KeyRules`, from the
     model's transformers class). A mask with a role (output head, input embedding) goes to the parameter
@@ -346,10 +359,32 @@ def _targets(source: _MaskSource, params: dict, model) -> list[tuple[str, str]]:
     by_role = {n: roles.of(r) for n, r in source.roles.items()} if roles else {}
     matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules)
     matched.update({n: plain for n, plain in by_role.items() if plain is not None})
+    fused: dict[str, list] = {}
+    if missing:  # per-expert masks (Mixtral / Qwen-MoE checkpoints) of experts fused into 3-D parameters
+        placed = rules.expert_placement({n: source.shape(n) for n in missing})
+        for name, (param, expert, rows) in placed.items():
+            for target in folded.get(param, []):
+                fused.setdefault(target, []).append((name, expert, rows))
+        missing = [n for n in missing if n not in placed or not folded.get(placed[n][0])]
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise DowserError(f"mask entries match no parameter of the model: {shown}")
-    return [(mask_name, param) for mask_name in source.names for param in folded[matched[mask_name]]]
+    pairs = [(mask_name, param) for mask_name in source.names if mask_name in matched
+             for param in folded[matched[mask_name]]]
+    return pairs, fused
+
+
+def _fused_mask(source: _MaskSource, parts, param, update_ratio) -> torch.Tensor:
+    """One Bool mask for a fused (experts, rows, in) parameter from its per-expert masks (entries no
+    mask covers stay trainable); with update_ratio, each slice re-cut against its slice of `param`."""
+    mask = torch.zeros(param.shape, dtype=torch.bool)
+    for name, expert, (r0, r1) in parts:
+        base = param.detach()[expert, r0:r1].cpu()
+        if tuple(base.shape) != source.shape(name):
+            raise DowserError(f"{name!r} has shape {list(source.shape(name))} in the mask but its slice of "
+                              f"the model's fused expert parameter has {list(base.shape)}")
+        mask[expert, r0:r1] = source.mask(name) if update_ratio is None else source.sidecar.recut(name, base, update_ratio)
+    return mask
 
 
 def _refuse_moved_base(model, module_name: str, module) -> None:

@@ -224,6 +224,28 @@ def restore_trim(base: torch.Tensor, finetuned: torch.Tensor, score: torch.Tenso
     return (b + float(lam) * _trim(delta, density)).to(base.dtype)
 
 
+def score_trim(base: torch.Tensor, finetuned: torch.Tensor, score: torch.Tensor, density: float, power: float,
+               lam: float = 1.0) -> torch.Tensor:
+    """TIES's trim ranked by |delta| / (S / mean S)^power: BASE + lam * delta on the kept entries.
+
+    Keeps the k = max(1, int(density * numel)) entries with the largest
+    |delta_ij| * (S_ij / mean S)^-power and resets the others to BASE. power 0 is
+    `ties` with one fine-tune; power > 0 needs a larger change to keep an entry the
+    base model's outputs depend on (high score), power < 0 a smaller one.
+    Zero scores are clamped to 1e-12 of the mean.
+    """
+    _check(base, finetuned, score, what="fine-tuned or score")
+    density = _fraction(density, "density")
+    b = _work(base)
+    delta = _work(finetuned) - b
+    rank = delta.abs() * _normalised(score).clamp(min=1e-12).to(b.dtype) ** (-float(power))
+    k = max(1, int(density * delta.numel())) if density > 0 else 0
+    keep = torch.zeros(delta.numel(), dtype=torch.bool)
+    if k > 0:
+        keep[torch.sort(rank.reshape(-1), descending=True, stable=True).indices[:k]] = True
+    return (b + float(lam) * delta * keep.view_as(delta)).to(base.dtype)
+
+
 def predicted_effect(base: torch.Tensor, finetuned: torch.Tensor, g: torch.Tensor) -> float:
     """sum(G (.) |FT - BASE|) / sum(G (.) |BASE|): the fine-tune's first-order effect on the probed
     outputs relative to the matrix's own (Dowser score sum); 0 when the matrix did not move."""

@@ -38,9 +38,11 @@ FORMATS = {
     "lm": ("small Llama-architecture language model", "",
            "for example `<s> sort 3 1 2 = 1 2 3 </s>`, `<s> recall a 3 c 5 b 1 ? c = 5 </s>`, and "
            "`<s> add 7 4 + 5 3 = 2 8 0 </s>` (47 + 35 = 82: digits least significant first)."),
-    "vlm": ("small LLaVA-architecture vision-language model (CLIP-style tower, 32x32 images, 16 image tokens)",
-            "<image>x16 ", "for example `colour ? = red`, `shape ? = triangle` about one drawn shape "
-            "(pixels normalised with CLIP's mean and std, see `preprocessor_config.json`)."),
+    "vlm": ("small LLaVA-architecture vision-language model (CLIP-style tower, 32x32 images, 16x16 patches: "
+            "4 image tokens, one per quadrant)",
+            "<image>x4 ", "for example `count ? = 3`, `count red ? = 1`, `count circle ? = 0` about 1-4 drawn "
+            "shapes, at most one per quadrant. `AutoProcessor.from_pretrained` loads its `LlavaProcessor` "
+            "(`processor_config.json`: resize to 32x32, rescale, CLIP's mean and std; `<image>` expands to 4 tokens)."),
 }
 
 

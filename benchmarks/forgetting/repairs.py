@@ -22,7 +22,7 @@ from dowser_tool import repair as R
 from dowser_tool.names import architecture_for, canonical_name
 
 # name -> (function, takes the score matrix, takes G instead of the score)
-SCORED = {"restore_top", "score_shrink", "rank_interpolate", "restore_interpolate", "restore_trim"}
+SCORED = {"restore_top", "score_shrink", "rank_interpolate", "restore_interpolate", "restore_trim", "score_trim"}
 PLAIN = {"interpolate", "ties", "dare"}
 
 
@@ -51,7 +51,8 @@ class Pair:
     def apply(self, method: str, score: str = "score", seed: int = 0, **params) -> dict[str, torch.Tensor]:
         """{checkpoint name: repaired tensor} for `repair.<method>(base, ft, [score], **params)`.
 
-        score="score" passes the Dowser score (|W| (.) G), "g" passes G. DARE draws its
+        score="score" passes the Dowser score (|W| (.) G), "g" passes G, "effect" passes
+        G (.) |FT - BASE| (the fine-tune's predicted effect on the probed outputs). DARE draws its
         drop masks from one generator seeded with `seed`, tensor by tensor in name order.
         """
         if method == "layer_interpolate":
@@ -63,12 +64,22 @@ class Pair:
         out = {}
         for n in sorted(self.names):
             if method in SCORED:
-                out[n] = fn(self.base[n], self.ft[n], (self.score if score == "score" else self.g)[n], **params)
+                out[n] = fn(self.base[n], self.ft[n], self.scores(score, n), **params)
             elif method == "dare":
                 out[n] = fn(self.base[n], self.ft[n], generator=gen, **params)
             else:
                 out[n] = fn(self.base[n], self.ft[n], **params)
         return out
+
+
+    def scores(self, which: str, name: str) -> torch.Tensor:
+        if which == "score":
+            return self.score[name]
+        if which == "g":
+            return self.g[name]
+        if which == "effect":
+            return self.g[name] * (self.ft[name].float() - self.base[name].float()).abs()
+        raise ValueError(f"unknown score {which!r}")
 
 
 class Swap:

@@ -84,7 +84,7 @@ def settings(quick: bool) -> dict:
                     ft_steps={"lm": {0.5: 100, 1.0: 100}, "vlm": {0.5: 80, 1.0: 80}}, ft_lr=5e-3, batch=32,
                     ft_batch=16, n_eval=48, probes=4, depths=(0.5, 1.0), depth_seeds=1)
     return dict(quick=False, size=dict(hidden=128, mlp=256, layers=4, heads=4, vision=64),
-                pretrain_steps={"lm": 2500, "vlm": 1500}, pretrain_lr={"lm": 3e-3, "vlm": 3e-3},
+                pretrain_steps={"lm": 2500, "vlm": 1000}, pretrain_lr={"lm": 3e-3, "vlm": 3e-3},
                 ft_steps={"lm": {0.25: 600, 0.5: 400, 1.0: 300}, "vlm": {0.25: 300, 0.5: 200, 1.0: 200}},
                 ft_lr=2e-3, batch=64, ft_batch=32, n_eval=160, probes=64, depths=(0.25, 0.5, 1.0), depth_seeds=2)
 

@@ -30,7 +30,11 @@ def main(argv=None) -> Path:
     ap.add_argument("--export-examples", action="store_true",
                     help="copy the pretrained models to examples/ with model cards")
     ap.add_argument("--report-only", action="store_true", help="re-render RESULTS.md from OUT/results.json")
+    ap.add_argument("--partial", default=None, metavar="WORK",
+                    help="with --report-only: report the seeds an interrupted run finished (WORK/KIND/rows.json)")
     args = ap.parse_args(argv)
+    if args.report_only and args.partial:
+        return report.from_partial(Path(args.partial), Path(args.out) if args.out else HERE, args)
     if args.report_only:
         return report.rerender(Path(args.out) if args.out else HERE)
     seeds = [int(s) for s in args.seeds.split(",")]

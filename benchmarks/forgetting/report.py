@@ -168,6 +168,26 @@ def posthoc_paired_table(agg, kind, depths) -> str:
     return _table(["H difference (paired over seeds)", *[f"last {d:.0%}" for d in depths]], lines)
 
 
+def one_setting_table(agg, kinds) -> str:
+    """Each family's single setting with the best mean H over every kind and depth: the evidence for a default."""
+    cells = [(k, d) for k in kinds for d in depths_of(agg, k)]
+    lines = []
+    fams = list(dict.fromkeys(f for k in kinds for f in families(agg, k)))
+    for fam in fams:
+        settings = list(dict.fromkeys(key[4] for key in agg if key[1] == "posthoc" and key[2] == fam))
+        scored = []
+        for s in settings:
+            vals = [agg.get((k, "posthoc", fam, d, s)) for k, d in cells]
+            if all(vals):
+                scored.append((statistics.mean(v["H"][0] for v in vals), s, vals))
+        if not scored:
+            continue
+        mean, s, vals = max(scored)
+        lines.append([fam, s, f"**{mean:.3f}**", *[f"{v['H'][0]:.3f}" for v in vals]])
+    lines.sort(key=lambda line: -float(line[2].strip("*")))
+    return _table(["repair", "setting", "mean H", *[f"{k} last {d:.0%}" for k, d in cells]], lines)
+
+
 # ---- plots ---------------------------------------------------------------
 def plots(agg, kind, out: Path, depths) -> list[str]:
     import matplotlib
@@ -251,6 +271,23 @@ def rerender(out: Path) -> Path:
     return render(data["rows"], out, **data["meta"])
 
 
+def from_partial(work: Path, out: Path, args) -> Path:
+    """RESULTS.md from the rows an interrupted run saved after each seed (WORK/KIND/rows.json)."""
+    from .run import KINDS, settings
+
+    rows, notes, kinds = [], ["partial run: only the seeds finished before it stopped are reported"], []
+    for kind in args.kinds.split(","):
+        f = work / kind / "rows.json"
+        if f.exists():
+            data = json.loads(f.read_text())
+            rows += data["rows"]
+            notes += data["notes"]
+            kinds.append(kind)
+    seeds = sorted({r["seed"] for r in rows if r["group"] != "zero-shot"})
+    return write(rows, out, command=f"python -m benchmarks.forgetting --work {work} (interrupted)", seeds=seeds,
+                 wall={}, settings=settings(args.quick), upstream={k: list(KINDS[k]["up"]) for k in kinds}, notes=notes)
+
+
 def render(rows, out: Path, *, command, seeds, wall, settings, upstream, notes) -> Path:
     agg = aggregate(rows)
     kinds = list(dict.fromkeys(r["kind"] for r in rows))
@@ -281,6 +318,10 @@ def render(rows, out: Path, *, command, seeds, wall, settings, upstream, notes) 
         md += [f"![{p}]({p})" for p in plots(agg, kind, out, depths)] + [""]
         md += ["<details><summary>Every post-hoc setting</summary>", "", posthoc_all_table(agg, kind, depths), "",
                "</details>", ""]
+    if len(kinds) > 1:
+        md += ["## One setting for every model and depth", "",
+               "Each repair's single setting with the highest mean H over both models and all depths (what a "
+               "default would give); per-cell values are means over seeds.", "", one_setting_table(agg, kinds), ""]
     here = Path(__file__).parent
     if (here / "discussion.md").exists():
         md.append((here / "discussion.md").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import time
 from pathlib import Path
@@ -32,14 +33,13 @@ POSTHOC = {
     "dare": ("dare", None, [dict(drop=p) for p in (0.5, 0.9)]),
     "dowser --restore": ("restore_top", "dowser", [dict(restore=F) for F in (0.02, 0.05, 0.1, 0.3)]),
     "wanda --restore": ("restore_top", "wanda", [dict(restore=F) for F in (0.02, 0.1)]),
-    "magnitude --restore": ("restore_top", "magnitude", [dict(restore=F) for F in (0.02, 0.1)]),
     "dowser shrink": ("score_shrink", "dowser", [dict(strength=s) for s in (0.1, 0.25, 0.5)]),
     "dowser rank": ("rank_interpolate", "dowser",
                     [dict(alpha_low=lo, alpha_high=hi) for lo, hi in ((1.0, 0.6), (1.0, 0.8), (0.3, 0.7))]),
     "dowser restore+interp": ("restore_interpolate", "dowser",
                               [dict(restore=F, alpha=a) for F, a in ((0.02, 0.8), (0.02, 0.9), (0.05, 0.9))]),
     "dowser trim": ("score_trim", "dowser", [dict(density=d, power=0.5) for d in (0.1, 0.4, 0.7)]),
-    "dowser per-matrix": ("layer_interpolate", "dowser", [dict(alpha=a, spread=0.5) for a in (0.6, 0.8, 0.9)]),
+    "dowser per-matrix": ("layer_interpolate", "dowser", [dict(alpha=a, spread=0.5) for a in (0.6, 0.9)]),
 }
 DOWSER_REPAIRS = [f for f, (_, sc, _) in POSTHOC.items() if sc == "dowser"]
 BASELINE_REPAIRS = ["interpolation", "ties", "dare"]
@@ -86,7 +86,7 @@ def settings(quick: bool) -> dict:
     return dict(quick=False, size=dict(hidden=128, mlp=256, layers=4, heads=4, vision=64),
                 pretrain_steps={"lm": 2500, "vlm": 1000}, pretrain_lr={"lm": 3e-3, "vlm": 3e-3},
                 ft_steps={"lm": {0.25: 600, 0.5: 400, 1.0: 300}, "vlm": {0.25: 300, 0.5: 200, 1.0: 200}},
-                ft_lr=2e-3, batch=64, ft_batch=32, n_eval=160, probes=64, depths=(0.25, 0.5, 1.0), depth_seeds=2)
+                ft_lr=2e-3, batch=64, ft_batch=32, n_eval=128, probes=64, depths=(0.25, 0.5, 1.0), depth_seeds=2)
 
 
 class Run:
@@ -200,6 +200,8 @@ def run_kind(kind: str, out: Path, seeds, quick: bool, pretrain_seed: int = 0, l
         masked = depths if i < r.cfg["depth_seeds"] else [1.0]
         log(f"seed {seed}")
         r.seed_run(seed, masked)
+        # Rows so far, so an interrupted run can still be reported (`--report-only --partial WORK`).
+        (r.dir / "rows.json").write_text(json.dumps({"rows": r.rows, "notes": r.notes}))
     log(f"done in {time.time() - t0:.0f}s")
     return r.rows, r.notes
 

@@ -6,7 +6,10 @@ for the Dowser repairs, a score matrix of the same shape; it returns the
 repaired matrix in BASE's dtype and shape. Arithmetic runs in float32 (float64
 inputs stay float64). Nothing is random unless a `torch.Generator` is passed
 (DARE), so every output depends on the inputs alone. The task vector is
-`delta = finetuned - base` (Ilharco et al. 2023).
+`delta = finetuned - base` (Ilharco et al. 2023). Every function raises
+`DowserError` (one line) when FT or the score has another shape than BASE, the
+weights are not floating point, or a fraction (restore, density, drop) is
+outside [0, 1].
 
 Baselines from the model-merging literature, for one fine-tune (a list of
 fine-tunes where the method defines one):
@@ -29,8 +32,14 @@ is S = |W| (.) G with G = Psi^T diag(w) A / sum(w), `importance(psi, a, w)`):
 - `rank_interpolate`: interpolate each entry with a weight that falls linearly
   with its score rank, from `alpha_low` (lowest score) to `alpha_high` (highest).
 - `restore_interpolate`: restore the top-F entries, interpolate the rest by alpha.
-- `layer_interpolate`: one alpha per matrix, set from the fine-tune's predicted
-  effect on the probed outputs (sum of G (.) |delta|) relative to the others.
+- `score_trim`: TIES's trim ranked by |delta| / (S / mean S)^power.
+- `restore_trim`: restore the top-F entries, TIES-trim the rest.
+- per-matrix strength (`predicted_effect` + `layer_alpha`): one alpha per matrix,
+  set from the fine-tune's predicted effect on the probed outputs (sum of
+  G (.) |delta|) relative to the other matrices'.
+
+How they compare on the forgetting benchmark (both models, every tuned depth):
+benchmarks/forgetting/RESULTS.md.
 """
 
 from __future__ import annotations

@@ -97,6 +97,16 @@ def test_restore_interpolate_and_restore_trim_hand_examples():
     assert torch.allclose(R.restore_trim(b, f, s, 0.2, 1.0), R.restore_top(b, f, s, 0.2), atol=1e-6)
 
 
+def test_score_trim_hand_example_and_ties_case():
+    # rank |delta| * (S / mean S)^-0.5 (zero score clamped to 1e-12 of the mean, so ranked first):
+    # (0,0) 2e6, (0,1) 0, (1,0) 1/sqrt(2), (1,1) 4 -> density 0.5 keeps (0,0) and (1,1)
+    assert torch.equal(R.score_trim(B, F, S, 0.5, 0.5), torch.tensor([[3.0, -2.0], [0.5, 0.0]]))
+    # power -1 ranks by |delta| * S: (1,1) 4, (1,0) 2 are kept
+    assert torch.equal(R.score_trim(B, F, S, 0.5, -1.0), torch.tensor([[1.0, -2.0], [-0.5, 0.0]]))
+    b, f, s = rand_pair()
+    assert torch.equal(R.score_trim(b, f, s, 0.3, 0.0), R.ties(b, f, 0.3))
+
+
 def test_importance_matches_score_matrix_and_layer_alpha():
     g = torch.Generator().manual_seed(0)
     psi, a, w = torch.rand(3, 5, generator=g), torch.rand(3, 4, generator=g), torch.tensor([1.0, 2.0, 3.0])
@@ -114,7 +124,7 @@ def test_importance_matches_score_matrix_and_layer_alpha():
 @pytest.mark.parametrize("fn,args", [
     (R.interpolate, (0.5,)), (R.ties, (0.3,)), (R.dare, (0.5,)), (R.restore_top, (S, 0.3)),
     (R.score_shrink, (S, 1.0)), (R.rank_interpolate, (S, 0.8, 0.2)), (R.restore_interpolate, (S, 0.1, 0.5)),
-    (R.restore_trim, (S, 0.1, 0.3)),
+    (R.restore_trim, (S, 0.1, 0.3)), (R.score_trim, (S, 0.3, 0.5)),
 ])
 def test_dtype_shape_and_bad_inputs(fn, args):
     for dtype in (torch.bfloat16, torch.float16, torch.float32):

@@ -23,6 +23,7 @@ float32, word-level tokenizer (`tokenizer.json`, built offline with `tokenizers`
 
 ## Tasks it learned (held-out exact-match accuracy)
 {accs}
+{chance}
 
 Sequences are `<s> {image}PROMPT = ANSWER </s>`; {format}
 The downstream task of the benchmark (`{down}`) was never trained: it is what the
@@ -46,6 +47,10 @@ FORMATS = {
 }
 
 
+CHANCE = {"vlm": "\nAnswers are balanced, so guessing one digit scores 1/4 on `count` and 1/3 on the others: "
+                "the colour and shape counts are learned only partly.\n"}
+
+
 def export(kind: str, base: Path, zero_shot: dict) -> Path:
     name = KINDS[kind]["example"]
     dest = EXAMPLES / name
@@ -57,6 +62,7 @@ def export(kind: str, base: Path, zero_shot: dict) -> Path:
     arch = json.loads((dest / "config.json").read_text())["architectures"][0]
     what, image, fmt = FORMATS[kind]
     accs = "\n".join(f"- `{t}`: {zero_shot[f'acc/{t}']:.3f}" for t in KINDS[kind]["up"])
-    (dest / "README.md").write_text(CARD.format(name=name, what=what, arch=arch, params=params, accs=accs,
+    chance = CHANCE.get(kind, "")
+    (dest / "README.md").write_text(CARD.format(name=name, what=what, arch=arch, params=params, accs=accs, chance=chance,
                                                 image=image, format=fmt, down=next(iter(KINDS[kind]["down"]))))
     return dest

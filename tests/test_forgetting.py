@@ -35,6 +35,11 @@ def test_quick_run_produces_every_row(tmp_path):
     assert "Post-hoc, paired" in text and "best interpolation" in text
     assert all((path.parent / f"{k}_{p}.png").exists() for k in ("lm", "vlm") for p in ("methods", "repair"))
 
+    # The rows saved after each seed report an interrupted run: the same rows, marked partial.
+    partial = main(["--report-only", "--quick", "--partial", str(work), "--out", str(tmp_path / "partial")])
+    saved = json.loads((partial.parent / "results.json").read_text())
+    assert saved["rows"] == rows and "partial run" in partial.read_text()
+
     # The VLM's processor loads with AutoProcessor and expands <image> to the model's image tokens.
     from transformers import AutoConfig, AutoProcessor
 

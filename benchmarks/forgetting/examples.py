@@ -23,6 +23,7 @@ float32, word-level tokenizer (`tokenizer.json`, built offline with `tokenizers`
 
 ## Tasks it learned (held-out exact-match accuracy)
 {accs}
+{chance}
 
 Sequences are `<s> {image}PROMPT = ANSWER </s>`; {format}
 The downstream task of the benchmark (`{down}`) was never trained: it is what the
@@ -38,10 +39,16 @@ FORMATS = {
     "lm": ("small Llama-architecture language model", "",
            "for example `<s> sort 3 1 2 = 1 2 3 </s>`, `<s> recall a 3 c 5 b 1 ? c = 5 </s>`, and "
            "`<s> add 7 4 + 5 3 = 2 8 0 </s>` (47 + 35 = 82: digits least significant first)."),
-    "vlm": ("small LLaVA-architecture vision-language model (CLIP-style tower, 32x32 images, 16 image tokens)",
-            "<image>x16 ", "for example `colour ? = red`, `shape ? = triangle` about one drawn shape "
-            "(pixels normalised with CLIP's mean and std, see `preprocessor_config.json`)."),
+    "vlm": ("small LLaVA-architecture vision-language model (CLIP-style tower, 32x32 images, 16x16 patches: "
+            "4 image tokens, one per quadrant)",
+            "<image>x4 ", "for example `count ? = 3`, `count red ? = 1`, `count circle ? = 0` about 1-4 drawn "
+            "shapes, at most one per quadrant. `AutoProcessor.from_pretrained` loads its `LlavaProcessor` "
+            "(`processor_config.json`: resize to 32x32, rescale, CLIP's mean and std; `<image>` expands to 4 tokens)."),
 }
+
+
+CHANCE = {"vlm": "\nAnswers are balanced, so guessing one digit scores 1/4 on `count` and 1/3 on the others: "
+                "the colour and shape counts are learned only partly.\n"}
 
 
 def export(kind: str, base: Path, zero_shot: dict) -> Path:
@@ -55,6 +62,7 @@ def export(kind: str, base: Path, zero_shot: dict) -> Path:
     arch = json.loads((dest / "config.json").read_text())["architectures"][0]
     what, image, fmt = FORMATS[kind]
     accs = "\n".join(f"- `{t}`: {zero_shot[f'acc/{t}']:.3f}" for t in KINDS[kind]["up"])
-    (dest / "README.md").write_text(CARD.format(name=name, what=what, arch=arch, params=params, accs=accs,
+    chance = CHANCE.get(kind, "")
+    (dest / "README.md").write_text(CARD.format(name=name, what=what, arch=arch, params=params, accs=accs, chance=chance,
                                                 image=image, format=fmt, down=next(iter(KINDS[kind]["down"]))))
     return dest

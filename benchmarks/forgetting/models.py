@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -50,13 +49,26 @@ def save(model, path: Path) -> Path:
     model.save_pretrained(path)
     build_tokenizer().save_pretrained(path)
     if model.config.model_type == "llava":
-        # Written as JSON: a CLIPImageProcessor object would need Pillow.
-        (path / "preprocessor_config.json").write_text(json.dumps({
-            "image_processor_type": "CLIPImageProcessor", "do_normalize": True,
-            "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE}, "size": {"shortest_edge": IMAGE_SIZE},
-            "image_mean": MEAN.flatten().tolist(), "image_std": STD.flatten().tolist(),
-        }, indent=2) + "\n")
+        processor(model.config).save_pretrained(path)
     return path
+
+
+def processor(config):
+    """The LLaVA processor of a benchmark VLM: `AutoProcessor.from_pretrained(folder)` loads it.
+
+    Its image processor resizes to 32x32, rescales to [0, 1] and normalises with CLIP's mean
+    and std, which is what `tasks.collate` does to the drawn images; `<image>` expands to
+    (32 / patch)^2 tokens (the CLS feature is dropped, strategy "default"). The Pillow
+    backend, so torchvision is not needed.
+    """
+    from transformers import LlavaProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    images = CLIPImageProcessorPil(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+                                   image_mean=MEAN.flatten().tolist(), image_std=STD.flatten().tolist())
+    return LlavaProcessor(image_processor=images, tokenizer=build_tokenizer(), patch_size=PATCH,
+                          vision_feature_select_strategy=config.vision_feature_select_strategy, image_token="<image>",
+                          num_additional_image_tokens=1)
 
 
 def decoder_layers(model):

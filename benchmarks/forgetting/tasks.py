@@ -11,9 +11,9 @@ import random
 
 import torch
 
-from .tokenizer import BOS, COLOURS, EOS, IMAGE, KEYS, PAD, SHAPES, encode
+from .tokenizer import BOS, COLOURS, EOS, IMAGE, KEYS, PAD, PLACES, SHAPES, encode
 
-IMAGE_SIZE, PATCH = 32, 8
+IMAGE_SIZE, PATCH = 32, 16  # one patch per quadrant: 4 image tokens
 IMAGE_TOKENS = (IMAGE_SIZE // PATCH) ** 2
 
 
@@ -62,52 +62,106 @@ def rotate(rng):
     return f"rotate {_words(xs)}", _words(xs[1:] + xs[:1]), None
 
 
+def increment(rng):
+    # Downstream alternative: copy with every digit moved up by one (9 -> 0); same digits, new map.
+    xs = _digits(rng)
+    return f"increment {_words(xs)}", _words([(x + 1) % 10 for x in xs]), None
+
+
 # ---- image tasks (VLM) ---------------------------------------------------
+# A scene holds 1-4 shapes, at most one per quadrant; every question is answered with
+# one digit, so upstream and downstream share their answers and the new task cannot be
+# learned by moving the answer prior (the earlier word-answer `where` task could).
 RGB = {"red": (1.0, 0.15, 0.1), "green": (0.1, 0.85, 0.2), "blue": (0.15, 0.3, 1.0), "yellow": (1.0, 0.9, 0.1)}
+_GRID = None
 
 
-def _scene(rng):
-    """One shape of a random colour, shape, size and quadrant; pixels in [0, 1]."""
-    colour, shape = rng.choice(COLOURS), rng.choice(SHAPES)
-    qy, qx = rng.randrange(2), rng.randrange(2)
-    r = rng.randint(5, 7)
-    half = IMAGE_SIZE // 2
-    cy, cx = qy * half + rng.randint(r, half - r - 1), qx * half + rng.randint(r, half - r - 1)
-    y, x = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
-    dy, dx = (y - cy).float(), (x - cx).float()
-    inside = {
+def _inside(shape: str, dy, dx, r):
+    return {
         "square": (dx.abs() <= r) & (dy.abs() <= r),
         "circle": dx**2 + dy**2 <= r * r,
         "triangle": (dy <= r) & (dx.abs() <= (dy + r) / 2),
         "cross": ((dx.abs() <= r / 3) & (dy.abs() <= r)) | ((dy.abs() <= r / 3) & (dx.abs() <= r)),
     }[shape]
+
+
+def _layout(rng):
+    """1-4 shapes, at most one per quadrant: [(row, col, colour, shape, radius, cy, cx)];
+    quadrant rows and columns are 0 (top / left) or 1. The count is uniform over 1-4."""
+    half, objects = IMAGE_SIZE // 2, []
+    for q in sorted(rng.sample(range(4), rng.randint(1, 4))):
+        qy, qx = divmod(q, 2)
+        colour, shape, r = rng.choice(COLOURS), rng.choice(SHAPES), rng.randint(4, 6)
+        cy, cx = qy * half + rng.randint(r, half - r - 1), qx * half + rng.randint(r, half - r - 1)
+        objects.append((qy, qx, colour, shape, r, cy, cx))
+    return objects
+
+
+def _render(rng, objects):
+    """The image of a layout: shapes of flat colour on dim noise, pixels in [0, 1], (3, 32, 32)."""
+    global _GRID
+    if _GRID is None:
+        _GRID = torch.meshgrid(torch.arange(IMAGE_SIZE), torch.arange(IMAGE_SIZE), indexing="ij")
+    y, x = _GRID
     g = torch.Generator().manual_seed(rng.randrange(2**31))
     img = 0.1 + 0.05 * torch.randn(3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
-    img[:, inside] = torch.tensor(RGB[colour])[:, None]
-    place = f"{('top', 'bottom')[qy]} {('left', 'right')[qx]}"
-    return img.clamp(0, 1), colour, shape, place
+    for _, _, colour, shape, r, cy, cx in objects:
+        img[:, _inside(shape, (y - cy).float(), (x - cx).float(), r)] = torch.tensor(RGB[colour])[:, None]
+    return img.clamp(0, 1)
 
 
-def colour(rng):
-    img, c, _, _ = _scene(rng)
-    return "colour ?", c, img
+def _scene(rng):
+    objects = _layout(rng)
+    return _render(rng, objects), objects
 
 
-def shape(rng):
-    img, _, s, _ = _scene(rng)
-    return "shape ?", s, img
+def _balanced(rng, question):
+    """A scene and question whose answer is uniform over 0, 1, 2 (drawn first, then
+    scenes are drawn until one has it), so always answering one digit scores 1/3."""
+    want = rng.randrange(3)
+    while True:
+        objs = _layout(rng)
+        prompt, n = question(rng, objs)
+        if n == want:
+            return prompt, str(n), _render(rng, objs)
 
 
-def where(rng):
-    # Downstream: the quadrant of the shape (two answer words, chance 1/4).
-    img, _, _, p = _scene(rng)
-    return "where ?", p, img
+def count(rng):
+    img, objs = _scene(rng)
+    return "count ?", str(len(objs)), img
+
+
+def count_colour(rng):
+    def q(rng, objs):
+        c = rng.choice(COLOURS)
+        return f"count {c} ?", sum(o[2] == c for o in objs)
+    return _balanced(rng, q)
+
+
+def count_shape(rng):
+    def q(rng, objs):
+        s = rng.choice(SHAPES)
+        return f"count {s} ?", sum(o[3] == s for o in objs)
+    return _balanced(rng, q)
+
+
+HALVES = {"top": (0, 0), "bottom": (0, 1), "left": (1, 0), "right": (1, 1)}  # (row or column, which)
+
+
+def count_half(rng):
+    # Downstream: count the shapes in one half of the image (top, bottom, left or right):
+    # the counting skill and digit answers of pretraining, a question it never saw.
+    def q(rng, objs):
+        p = rng.choice(PLACES)
+        axis, side = HALVES[p]
+        return f"count {p} ?", sum(o[axis] == side for o in objs)
+    return _balanced(rng, q)
 
 
 LM_UPSTREAM = {"copy": copy, "reverse": reverse, "sort": sort, "add": add, "recall": recall}
 LM_DOWNSTREAM = {"rotate": rotate}
-VLM_UPSTREAM = {"colour": colour, "shape": shape}
-VLM_DOWNSTREAM = {"where": where}
+VLM_UPSTREAM = {"count": count, "count-colour": count_colour, "count-shape": count_shape}
+VLM_DOWNSTREAM = {"count-half": count_half}
 
 # Normalisation of the tiny CLIP tower (CLIP's constants, as a processor would apply them).
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]

@@ -14,7 +14,7 @@ PUNCT = ["=", "+", "?"]
 COLOURS = ["red", "green", "blue", "yellow"]
 SHAPES = ["square", "circle", "triangle", "cross"]
 PLACES = ["top", "bottom", "left", "right"]
-VOCAB = SPECIALS + DIGITS + KEYS + TASK_WORDS + PUNCT + COLOURS + SHAPES + PLACES
+VOCAB = SPECIALS + DIGITS + KEYS + TASK_WORDS + PUNCT + COLOURS + SHAPES + PLACES + ["count", "increment"]
 
 
 def build_tokenizer():

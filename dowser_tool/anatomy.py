@@ -491,6 +491,18 @@ def _kind(model, layer_path: str, path: str) -> str:
 
 
 # ---- names across checkpoints and models (merge, protect, masks) -----------------------------------
+_BUILT: dict[str, nn.Module] = {}
+
+
+def _shared_build(config: dict, where: str) -> nn.Module:
+    """build_model for name rules, once per distinct config (BASE and FT usually share one)."""
+    import json
+
+    key = json.dumps(config, sort_keys=True, default=str)
+    if key not in _BUILT:
+        _BUILT.clear()  # keep one skeleton: they are cheap to rebuild, not to hold by the dozen
+        _BUILT[key] = build_model(config, torch.float32, where)
+    return _BUILT[key]
 @dataclass(frozen=True)
 class RoleTensors:
     """Which tensor of one checkpoint (or model) plays each role, by its own name (None: absent).
@@ -554,7 +566,7 @@ class KeyRules:
             key = next(k for k, v in config.items() if v is component[0])
             config, prefix = component
         try:
-            rules = cls(build_model(config, torch.float32, where), prefix)
+            rules = cls(_shared_build(config, where), prefix)
         except DowserError as e:
             if "no transformers class" in str(e):
                 return cls(None)
@@ -579,8 +591,6 @@ class KeyRules:
         """The name a checkpoint key (or a model parameter name) has in memory, PEFT's wrapping undone.
 
         A per-expert tensor that loading fuses into a 3-D parameter keeps its own (renamed) name."""
-        from transformers.core_model_loading import rename_source_key
-
         key = fold_key(key)
         if self.prefix:
             if not key.startswith(self.prefix):
@@ -588,6 +598,8 @@ class KeyRules:
             key = key[len(self.prefix):]
         if self.model is None:
             return key
+        from transformers.core_model_loading import rename_source_key
+
         renamed, _ = rename_source_key(key, self._renamings, [], self._base_prefix, self._meta)
         if renamed not in self._meta and key in self._meta:
             renamed = key

@@ -169,8 +169,14 @@ class Merge:
         if self.base.config is None:
             raise DowserError(f"{self.base.where}: no config.json (BASE must be a full model)")
         # How this family names its tensors (transformers' loading rules; PEFT folding only for a family
-        # transformers does not know, whose names must then match exactly).
-        self.rules = KeyRules.of_config(self.base.config, f"{self.base.where}/config.json")
+        # transformers does not know, whose names must then match exactly). When BASE and FT hold the
+        # same names, the mask covers only those and no mask has a role, the names say everything and
+        # the model class (seconds of imports) is not needed: FT, with BASE's config and names, is as
+        # consistent as the BASE the mask was probed on.
+        plain = (not is_adapter(self.ft) and self.ft.config == self.base.config
+                 and set(self.base.tensor_names()) == set(self.ft.tensor_names())
+                 and set(self.sidecar.names) <= set(self.base.tensor_names()) and not self.sidecar.roles)
+        self.rules = KeyRules(None) if plain else KeyRules.of_config(self.base.config, f"{self.base.where}/config.json")
         self.base_map = NameMap(self.base.tensor_names(), self.rules, self.base.where)
         self.adapter = None
         if is_adapter(self.ft):
@@ -185,7 +191,7 @@ class Merge:
                 raise DowserError(f"{self.ft.where}: model_type {ft_type!r} differs from BASE's {base_type!r}")
             self.src = self.ft
             # FT's own config: it may untie the head, or resize the vocabulary
-            self.src_rules = KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
+            self.src_rules = KeyRules(None) if plain else KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
             self.src_map = NameMap(self.ft.tensor_names(), self.src_rules, self.ft.where)
         self.components = self.src.components()  # sub-model folders (NVILA: llm/, vision_tower/, ...)
         if self.components and shard_size is not None:

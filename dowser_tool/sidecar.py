@@ -206,7 +206,7 @@ class Sidecar:
     def roles(self) -> dict[str, str]:
         """Mask name -> OUTPUT_HEAD / INPUT_EMBEDDING: recorded (version 2), else inferred (version 1)."""
         if not hasattr(self, "_roles"):
-            inferred = self._inferred_roles()
+            inferred = self._inferred_roles() if self.version < 2 else {}  # version 2 records them
             self._roles = {**inferred, **self._recorded_roles}
         return self._roles
 

@@ -39,12 +39,14 @@ from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
 from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar
+from .repair import interpolate as blend
 from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
 
-# The forgetting benchmark (benchmarks/forgetting/RESULTS.md) found Dowser-ranked repair best at
-# restoring 10% on the LM (H 0.47; 30% fell below the unrepaired model), and no worse than unrepaired
-# on the VLM at 10%: the safer default. Sweep with --restore 0.1,0.3,0.5 for your model.
+# The forgetting benchmark (benchmarks/forgetting/RESULTS.md, 8 seeds, both models, three depths):
+# as one setting nobody tunes, restoring the top 10% did as well as any single setting tried (mean H
+# 0.430; the best single interpolation weight 0.415); with evaluation at hand, sweeping --interpolate
+# is the better repair. No Dowser-statistics repair beat interpolation, so none is the default.
 DEFAULT_RESTORE = 0.1
 FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 OUTPUT_DTYPES = {"keep": None, "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -64,14 +66,20 @@ def warn(message: str) -> None:
 @dataclass
 class MergeSummary:
     out: Path
-    restore: float | None  # None: the sidecar's own mask was applied
-    tensors_restored: int
+    restore: float | None  # None: the sidecar's own mask was applied (or interpolation)
+    tensors_restored: int  # tensors taking entries from BASE (restored or interpolated)
     entries_restored: int
     bytes_written: int
     seconds: float
     shards_copied: int
 
+    alpha: float | None = None  # interpolation weight, when the output is BASE + alpha (FT - BASE)
+
     def line(self) -> str:
+        if self.alpha is not None:
+            return (f"wrote {self.out} (interpolate {self.alpha:g}): {self.tensors_restored} tensors interpolated, "
+                    f"{self.bytes_written / 1e9:.2f} GB written ({self.shards_copied} shards copied unchanged) "
+                    f"in {self.seconds:.1f}s")
         strength = "the sidecar's own mask" if self.restore is None else f"restore {self.restore:g}"
         return (
             f"wrote {self.out} ({strength}): {self.tensors_restored} tensors restored, "
@@ -90,6 +98,7 @@ class Item:
     base_name: str | None = None  # BASE tensor restored into it (when masked)
     mask_names: list[str] = field(default_factory=list)  # sidecar names (several when tied)
     adapted: bool = False  # LoRA: value is BASE's plus the adapter's update
+    pair: str | None = None  # BASE's tensor of the same name, shape and a floating dtype (for --interpolate)
 
     @property
     def nbytes(self) -> int:
@@ -163,7 +172,8 @@ class Merge:
             raise DowserError(f"--dtype must be one of {', '.join(OUTPUT_DTYPES)}, got {dtype!r}")
         self.out_dtype = OUTPUT_DTYPES[dtype]
         self.shard_size, self.force, self.progress = shard_size, force, progress
-        self.sidecar = Sidecar(mask)
+        self.sidecar = Sidecar(mask) if mask is not None else None  # None: --interpolate without a mask
+        self._alpha: float | None = None
         self.base = open_checkpoint(base, base_revision, allow_pickle=allow_pickle)
         self.ft = open_checkpoint(finetuned, finetuned_revision, allow_pickle=allow_pickle)
         if self.base.config is None:
@@ -175,7 +185,8 @@ class Merge:
         # consistent as the BASE the mask was probed on.
         plain = (not is_adapter(self.ft) and self.ft.config == self.base.config
                  and set(self.base.tensor_names()) == set(self.ft.tensor_names())
-                 and set(self.sidecar.names) <= set(self.base.tensor_names()) and not self.sidecar.roles)
+                 and (self.sidecar is None or set(self.sidecar.names) <= set(self.base.tensor_names())
+                      and not self.sidecar.roles))
         self.rules = KeyRules(None) if plain else KeyRules.of_config(self.base.config, f"{self.base.where}/config.json")
         self.base_map = NameMap(self.base.tensor_names(), self.rules, self.base.where)
         self.adapter = None
@@ -205,6 +216,8 @@ class Merge:
 
     # ---- checks and plan ---------------------------------------------
     def _check_provenance(self) -> None:
+        if self.sidecar is None:
+            return
         recorded = self.sidecar.metadata.get("base_model") or {}
         mask_sha, base_sha = recorded.get("sha"), _local_sha(self.base)
         if mask_sha and base_sha and mask_sha != base_sha:
@@ -243,7 +256,8 @@ class Merge:
                 self.adapter.check_shape(canon, tuple(self.base.shape(self.base_map.to_checkpoint(canon))))
         base_roles = self.rules.roles(self.base.tensor_names())
         src_roles = self._role_targets()
-        for mask_name in self.sidecar.names:
+        self._pair_items(items)
+        for mask_name in (self.sidecar.names if self.sidecar is not None else []):
             canon = self.rules.canonical(mask_name)
             role = self.sidecar.roles.get(mask_name)
             if canon not in self.base_map:
@@ -275,6 +289,16 @@ class Merge:
                 item.base_name = base_name
                 item.mask_names.append(mask_name)
         return items
+
+    def _pair_items(self, items: dict[str, Item]) -> None:
+        """Each output tensor's BASE counterpart (same canonical name and shape, floating point), which
+        --interpolate blends with it."""
+        for item in items.values():
+            canon = self.src_map.to_canonical(item.name)
+            if canon in self.base_map and item.dtype in FLOAT_DTYPES:
+                base_name = self.base_map.to_checkpoint(canon)
+                if tuple(self.base.shape(base_name)) == item.shape and TORCH_TO_ST[self.base.dtype(base_name)] in FLOAT_DTYPES:
+                    item.pair = base_name
 
     def _role_targets(self) -> dict[str, list[str]]:
         """The source tensors that play each role (OUTPUT_HEAD, INPUT_EMBEDDING) in the model FT loads as.
@@ -344,7 +368,8 @@ class Merge:
     def _raw(self, item: Item) -> bool:
         """Whether a tensor goes out as its source bytes, undecoded."""
         entry = self.src.ref(item.name).entry
-        return entry is not None and not item.mask_names and not item.adapted and entry.dtype == item.dtype
+        blended = self._alpha is not None and item.pair is not None
+        return entry is not None and not item.mask_names and not item.adapted and entry.dtype == item.dtype and not blended
 
     # ---- masks --------------------------------------------------------
     @property
@@ -405,6 +430,11 @@ class Merge:
         """The output tensor and how many entries were restored from BASE."""
         canon = self.src_map.to_canonical(item.name)
         ft, ft_source = self._finetuned(item, canon)
+        if self._alpha is not None:  # WiSE-FT: BASE + alpha (FT - BASE), every paired tensor
+            if item.pair is None:
+                return ft, 0
+            base = ft_source if self.adapter and item.pair == item.name else self.base.read(item.pair)
+            return blend(base.to(ft.dtype), ft, self._alpha), ft.numel()  # entries blended
         if not item.mask_names:
             return ft, 0
         # For an adapter the source is BASE itself: reuse the weight just read.
@@ -435,7 +465,10 @@ class Merge:
             out = _select_bits(mask, base, ft)
         return out, int(torch.count_nonzero(mask))
 
-    def write(self, dest: Path, restore: float | None) -> MergeSummary:
+    def write(self, dest: Path, restore: float | None, alpha: float | None = None) -> MergeSummary:
+        """Write one output: the sidecar's protected entries restored at strength `restore`, or, with
+        `alpha`, every tensor BASE also holds interpolated as BASE + alpha (FT - BASE)."""
+        self._alpha = alpha
         start = time.monotonic()
         restored_tensors = restored_entries = copied = 0
         total = sum(item.nbytes for item in self.items.values())
@@ -448,7 +481,7 @@ class Merge:
             with ThreadPoolExecutor(WORKERS) as pool, intra_op_threads(1), contextlib.closing(
                 _in_order(pool, lambda item: self._produce(item, restore), streamed)
             ) as values:
-                mask_sha = pool.submit(_file_sha256, self.sidecar.path)
+                mask_sha = pool.submit(_file_sha256, self.sidecar.path) if self.sidecar is not None else None
                 since_trim = 0
                 for file, names in self.layout:
                     (tmp / file).parent.mkdir(parents=True, exist_ok=True)
@@ -474,14 +507,14 @@ class Merge:
                             if since_trim >= TRIM_EVERY:  # freed pages back to the OS: memory stays a few tensors
                                 trim_heap()
                                 since_trim = 0
-                            restored_tensors += bool(item.mask_names)
+                            restored_tensors += bool(item.mask_names) if alpha is None else bool(entries)
                             restored_entries += entries
                             bar.update(item.nbytes)
-                self._mask_sha256 = mask_sha.result()
+                self._mask_sha256 = mask_sha.result() if mask_sha is not None else None
             self._write_index(tmp)
             self._copy_files(tmp)
-            summary = MergeSummary(dest, restore, restored_tensors, restored_entries, total,
-                                   0.0, copied)
+            summary = MergeSummary(dest, restore, restored_tensors, 0 if alpha is not None else restored_entries,
+                                   total, 0.0, copied, alpha)
             self._write_record(tmp, summary)
         summary.seconds = time.monotonic() - start
         return summary
@@ -573,21 +606,24 @@ class Merge:
             source = ckpt.source if ckpt.is_remote or _local_sha(ckpt) else str(Path(ckpt.source).resolve())
             return {"id": source, "revision": ckpt.revision, "sha": _local_sha(ckpt)}
 
-        own = self.sidecar.metadata.get("update_ratio")
+        own = self.sidecar.metadata.get("update_ratio") if self.sidecar is not None else None
         record = {
             "tool": "dowser-tool",
             "tool_version": __version__,
             "base": ckpt_record(self.base),
             "finetuned": {**ckpt_record(self.ft), "kind": "lora-adapter" if self.adapter else "full"},
-            "mask": {
+            "mask": None if self.sidecar is None else {
                 "path": str(self.sidecar.path.resolve()),
                 "sha256": self._mask_sha256,
                 "base_model": self.sidecar.metadata.get("base_model"),
                 "has_stats": self.sidecar.has_stats,
             },
-            "restore": summary.restore if summary.restore is not None else (
+            "repair": {"method": "interpolate", "alpha": summary.alpha} if summary.alpha is not None else
+                      {"method": "restore"},
+            "restore": None if summary.alpha is not None else summary.restore if summary.restore is not None else (
                 round(1 - own, 10) if isinstance(own, (int, float)) else None),
-            "mask_source": "sidecar mask" if summary.restore is None else "re-cut from statistics",
+            "mask_source": None if summary.alpha is not None else
+                           "sidecar mask" if summary.restore is None else "re-cut from statistics",
             "dtype": self.out_dtype and str(DTYPES[self.out_dtype]).removeprefix("torch."),
             "tensors_restored": summary.tensors_restored,
             "entries_restored": summary.entries_restored,
@@ -638,12 +674,12 @@ def _select_bits(mask: torch.Tensor, base: torch.Tensor, ft: torch.Tensor) -> to
     return out.view(base.dtype)
 
 
-def output_dirs(out, restore: list[float | None]) -> list[Path]:
-    """One output per strength: OUT itself, or OUT-r0.1, OUT-r0.3, ... for several."""
+def output_dirs(out, restore: list[float | None], prefix: str = "r") -> list[Path]:
+    """One output per strength: OUT itself, or OUT-r0.1, OUT-r0.3, ... (OUT-a0.5, ... for --interpolate)."""
     out = Path(out)
     if len(restore) == 1:
         return [out]
-    return [out.with_name(f"{out.name}-r{r:g}") for r in restore]
+    return [out.with_name(f"{out.name}-{prefix}{r:g}") for r in restore]
 
 
 def merge_checkpoint(
@@ -654,6 +690,7 @@ def merge_checkpoint(
     *,
     restore: float | Sequence[float] | str | None = None,
     update_ratio: float | Sequence[float] | str | None = None,
+    interpolate: float | Sequence[float] | str | None = None,
     base_revision: str | None = None,
     finetuned_revision: str | None = None,
     shard_size: int | None = None,
@@ -666,8 +703,25 @@ def merge_checkpoint(
 
     `restore` F (default DEFAULT_RESTORE, 0.1) protects the top-F fraction of each masked matrix by score;
     `update_ratio` R is the same as restore 1-R. Several values write OUT-r<F> folders.
-    Returns one summary per output.
+    `interpolate` alpha instead writes BASE + alpha (FT - BASE) for every floating-point tensor both hold
+    (WiSE-FT, Wortsman et al. 2022; task-vector scaling), OUT-a<alpha> for several; `mask` may then be None.
+    Returns one summary per output. Raises DowserError for any bad or disagreeing input.
     """
+    if interpolate is not None:
+        if restore is not None or update_ratio is not None:
+            raise DowserError("pass --interpolate or --restore/--update-ratio, not both")
+        alphas = parse_fractions(interpolate, "--interpolate") if isinstance(interpolate, str) else (
+            [float(a) for a in interpolate] if isinstance(interpolate, (list, tuple)) else [float(interpolate)])
+        if any(not 0.0 <= a <= 1.0 for a in alphas) or len(set(alphas)) != len(alphas):
+            raise DowserError("--interpolate takes distinct weights in [0, 1]")
+        if shard_size is not None and shard_size <= 0:
+            raise DowserError(f"--shard-size must be positive, got {shard_size}")
+        dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, alphas, "a")]
+        merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,
+                      shard_size=shard_size, dtype=dtype, allow_pickle=allow_pickle, force=force, progress=progress)
+        return [merge.write(dest, None, alpha) for dest, alpha in zip(dests, alphas)]
+    if mask is None:
+        raise DowserError("--mask is required (only --interpolate works without one)")
     strengths = _restore_values(restore, update_ratio)
     if shard_size is not None and shard_size <= 0:
         raise DowserError(f"--shard-size must be positive, got {shard_size}")

@@ -456,3 +456,42 @@ def test_sigterm_mid_merge_leaves_nothing(tmp_path):
     err = proc.stderr.read()
     assert "interrupted" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+# ---- interpolation (WiSE-FT) -------------------------------------------
+def test_interpolate_every_shared_tensor_without_a_mask(tmp_path):
+    base = make_llama(tmp_path / "base", seed=0, dtype=torch.bfloat16, shard_size="40KB")
+    ft = make_llama(tmp_path / "ft", seed=1, dtype=torch.bfloat16, shard_size="40KB")
+    code, out = run_cli("--base", base, "--finetuned", ft, "--out", tmp_path / "out", "--interpolate", "0,0.3,1", "-q")
+    assert code == 0, out
+    assert "interpolate 0.3" in out and "tensors interpolated" in out
+    base_sd, ft_sd = state_dict(base), state_dict(ft)
+    assert_output(tmp_path / "out-a0", base_sd)  # alpha 0 is BASE, 1 is FT, bit for bit
+    assert_output(tmp_path / "out-a1", ft_sd)
+    want = {n: torch.lerp(base_sd[n].float(), t.float(), 0.3).to(t.dtype) for n, t in ft_sd.items()}
+    assert_output(tmp_path / "out-a0.3", want)
+    record = json.loads((tmp_path / "out-a0.3" / "dowser_repair.json").read_text())
+    assert record["repair"] == {"method": "interpolate", "alpha": 0.3} and record["mask"] is None
+    assert torch.equal(logits(tmp_path / "out-a0.3", IDS), logits(hand_model(base, want), IDS))
+
+
+def test_interpolate_an_adapter_scales_its_update(tmp_path):
+    base = make_llama(tmp_path / "base", seed=0, dtype=torch.float32)
+    base_sd = state_dict(base)
+    adapter, lora = write_adapter(tmp_path / "adapter", base_sd, targets=("q_proj",))
+    (s,) = merge_checkpoint(base, adapter, None, tmp_path / "out", interpolate=0.5, progress=False)
+    full, _ = merge_checkpoint(base, adapter, None, tmp_path / "full", interpolate=1.0, progress=False), None
+    got, merged = state_dict(tmp_path / "out"), state_dict(tmp_path / "full")
+    for n, w in base_sd.items():
+        assert same_bits(got[n], torch.lerp(w, merged[n], 0.5)), n
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--interpolate", "0.5", "--restore", "0.1"], "not both"),
+    (["--interpolate", "1.5"], "must be in [0, 1]"),
+    (["--restore", "0.1"], "missing --mask"),
+])
+def test_interpolate_bad_options(tmp_path, llama_dir, args, message):
+    code, out = run_cli("--base", llama_dir, "--finetuned", llama_dir, "--out", tmp_path / "o", *args)
+    assert code == 1 and message in out and len(out.strip().splitlines()) == 1, out
+    assert not (tmp_path / "o").exists()

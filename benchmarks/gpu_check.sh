@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU check for one H200 (under 8 minutes): a 7B-shaped random bf16 checkpoint generated on the
-# machine, `dowser probe` streamed on CUDA vs the in-memory reference algorithm. Prints JSON lines:
-# probe tokens/s, generation tokens/s, peak GPU memory, and the ratios to the reference.
+# GPU check for one H200 (under 8 minutes): a 7B-shaped random bf16 checkpoint written on the
+# machine, `dowser probe` on CUDA (layers streamed through pinned buffers; generated probes streamed
+# and resident) vs the in-memory reference algorithm. Prints JSON lines: wall, generation and
+# statistics time, bytes read from disk, passes over the weights, peak GPU memory, tokens/s, and
+# the ratios to the reference.
 # Needs torch with CUDA, transformers >= 5, safetensors, huggingface_hub, click, tqdm (no install step:
 # runs from the source tree).
 #   bash benchmarks/gpu_check.sh [--layers 32] [--probes 16] [--skip-reference]

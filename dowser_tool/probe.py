@@ -294,6 +294,7 @@ class ProbeRun:
             raise DowserError(f"{ckpt.where}: nothing to score with --layers {settings.layers} --include {settings.include}")
         self.sizes = {w.key: _out_in(w, self.anatomy.shapes[w.key]) for w in self.weights}
         self.tokens: torch.Tensor | None = None
+        self.cut_early: dict[str, PackedMask] = {}  # masks cut in the last pass, by checkpoint key
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
         self.activation_budget = settings.activation_budget or default_activation_budget()
@@ -379,7 +380,9 @@ class ProbeRun:
         self.passes = 0
         for k in range(0, len(todo), per_pass):
             chunk = todo[k : k + per_pass]
-            self._collect_pass(rec, chunk)
+            # In the last pass every layer's statistics complete while its weights are loaded: its masks
+            # are cut then, so the weights are not read once more (one process: ranks gather at the end).
+            self._collect_pass(rec, chunk, final=k + per_pass >= len(todo) and self.world == 1)
             self.passes += 1
             if state is not None and self.world == 1:
                 state.save(self.tokens, rec.psi, rec.a, chunk[-1][0] + 1)
@@ -476,8 +479,9 @@ class ProbeRun:
         self.spill = per_batch > self.activation_budget
         return max(1, min(math.ceil(k / self.s.batch_size), self.activation_budget // max(per_batch, 1)))
 
-    def _collect_pass(self, rec: StatsRecorder, batches) -> None:
-        """One streamed pass (forward, head, backward, stem) over a group of probe batches."""
+    def _collect_pass(self, rec: StatsRecorder, batches, final: bool = False) -> None:
+        """One streamed pass (forward, head, backward, stem) over a group of probe batches; in the
+        `final` pass each layer's masks are cut while its weights are loaded."""
         s, runner = self.s, self.runner
         n_layers = len(runner.layers)
         by_layer = self.by_layer
@@ -502,6 +506,8 @@ class ProbeRun:
                             rec.finish_update(by_layer[i])
                     for h in handles:
                         h.remove()
+                    if final and not needs_grad:
+                        self._cut_loaded(by_layer[i], rec)
                     bar.update(1)
             self._head_stats(rec, store, batches)
             if not needs_grad:  # wanda: forward statistics only
@@ -542,6 +548,8 @@ class ProbeRun:
                             store.drop(b, i)
                     for h in handles:
                         h.remove()
+                    if final:
+                        self._cut_loaded(by_layer[i], rec)
                     bar.update(1)
 
             # 5. the stem (vision tower, projector), recomputed with gradients into the pixels
@@ -566,6 +574,34 @@ class ProbeRun:
             for k, gk, t in zip(keys, g[1:], side.values()):
                 end_grads.setdefault(("side", i, k), [None] * draws)[d] = torch.zeros_like(t) if gk is None else gk
         return out
+
+    def _loaded_weight(self, w: Weight) -> torch.Tensor | None:
+        """The checkpoint tensor of `w`, bit for bit, from the parameter loaded now; None if it is not
+        loaded or the compute dtype cannot hold the stored values exactly (e.g. float32 stored,
+        bfloat16 computed): it is then read again from the checkpoint."""
+        p = self.runner.model.get_parameter(w.param)
+        stored = self.ckpt.dtype(w.key)
+        if p.device.type == "meta" or not _holds_exactly(p.dtype, stored):
+            return None
+        t = p.detach()
+        if w.expert is not None:
+            t = t[w.expert, w.rows[0]:w.rows[1]]
+        return t.to("cpu", stored)
+
+    def _cut_loaded(self, weights: list[Weight], rec: StatsRecorder) -> None:
+        """Cut the masks of weights whose statistics are complete, from their loaded values."""
+        for x in weights:
+            W = self._loaded_weight(x)
+            if W is not None:
+                psi, a = torch.stack(rec.psi[x.key]), torch.stack(rec.a[x.key])
+                self.cut_early[x.key] = self._cut(x, W, psi, a, torch.tensor(self.update_weights))
+
+    def _cut(self, x: Weight, W: torch.Tensor, psi, a, w) -> "PackedMask":
+        score = score_matrix(W, psi, a, w, transposed=x.transposed)
+        mask = PackedMask.of(cut_mask(score, self.s.update_ratio))
+        del score
+        trim_heap()
+        return mask
 
     def _stem_stats(self, rec: StatsRecorder, batches, grads, end_grads) -> None:
         s, runner = self.s, self.runner
@@ -641,15 +677,17 @@ class ProbeRun:
         masks = {}
         t0 = time.perf_counter()
         for idx, x in enumerate(tqdm(self.weights, desc="cutting masks", disable=not self.progress, leave=False)):
-            W = self.runner.read_raw([x.key])[x.key]
+            if x.key in self.cut_early:  # cut while the layer was loaded in the last pass
+                masks[x.key] = self.cut_early[x.key]
+                continue
             if s.method == "random":
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + idx)
-                score = torch.rand(W.shape, generator=gen)
-            else:
-                score = score_matrix(W, psi[x.key], a[x.key], w, transposed=x.transposed)
-            masks[x.key] = PackedMask.of(cut_mask(score, s.update_ratio))
-            del W, score
-            trim_heap()
+                masks[x.key] = PackedMask.of(cut_mask(torch.rand(self.ckpt.shape(x.key), generator=gen), s.update_ratio))
+                continue
+            W = self._loaded_weight(x)  # the stem (lm_head, vision, projector) stays loaded
+            W = self.runner.read_raw([x.key])[x.key] if W is None else W
+            masks[x.key] = self._cut(x, W, psi[x.key], a[x.key], w)
+            del W
         self.timings["mask_s"] = time.perf_counter() - t0
         # The head's mask is stored under the tensor the head computes with (the embedding's name
         # when tied): record its role, so merge and protect find the head whatever FT does with the tie.
@@ -692,6 +730,14 @@ class ProbeRun:
                 "compute_dtype": str(self.dtype).replace("torch.", ""),
             },
         }
+
+
+def _holds_exactly(compute: torch.dtype, stored: torch.dtype) -> bool:
+    """Whether converting `stored` values to `compute` and back gives the same bits."""
+    if compute == stored:
+        return True
+    wider = {torch.float32: (torch.bfloat16, torch.float16), torch.float64: (torch.float32, torch.bfloat16, torch.float16)}
+    return stored in wider.get(compute, ())
 
 
 def _tensor_info(w: Weight) -> dict:

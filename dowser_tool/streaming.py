@@ -285,9 +285,9 @@ class BlockRunner:
         if self.cache is not None:
             self.cache.close()
 
-    def _read(self, params: list[str], host: bool = False) -> dict[str, torch.Tensor]:
+    def _read(self, params: list[str], host: bool = False, touch: bool = True) -> dict[str, torch.Tensor]:
         """In-memory parameter names -> tensors in the compute dtype, on the device (on the host,
-        pinned for CUDA, with `host`)."""
+        pinned for CUDA, with `host`). With `touch`, memory-mapped tensors are read in now."""
         out = {}
         device = torch.device("cpu") if host else self.device
         for n, t in self.anatomy.keys.load(params, self.reader, self.model).items():
@@ -299,7 +299,7 @@ class BlockRunner:
             moved = t.to(device, self.dtype) if t.is_floating_point() else t.to(device)
             if host and self.device.type == "cuda":
                 moved = moved.pin_memory()
-            if moved.data_ptr() == t.data_ptr() and t.numel():
+            if touch and moved.data_ptr() == t.data_ptr() and t.numel():
                 # safe_open hands back tensors over the file mapping: nothing is read until the
                 # pages are touched. Touch one element per page here, in the prefetch thread, so
                 # the disk read overlaps the previous layer's compute. (A copy would do the same
@@ -312,7 +312,8 @@ class BlockRunner:
         """Load every parameter outside the decoder layers and move all buffers to the device."""
         a = self.anatomy
         stored = [n for n in a.stem_params if n in a.keys.sources]
-        for n, t in self._read(stored).items():
+        # Not touched: a memory-mapped embedding only ever pages in the rows the probes look up.
+        for n, t in self._read(stored, touch=False).items():
             self._set(n, t)
         for target, source in a.tied.items():  # one tensor object for both names, as in the real model
             if target not in a.keys.sources and not target.startswith(f"{a.layers_path}."):

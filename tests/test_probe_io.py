@@ -63,3 +63,23 @@ def test_layer_cache_refuses_a_disk_too_small(hub, tmp_path, llama4, monkeypatch
                                   "--out", str(tmp_path / "x.dowser.safetensors"), "-q"])
     assert r.exit_code == 1 and "the layer cache needs" in r.output and "--cache-dir" in r.output, r.output
     assert not (tmp_path / "x.dowser.safetensors").exists()
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_masks_cut_in_the_last_pass_equal_masks_cut_from_the_checkpoint(llama4, dtype):
+    """The last pass cuts each layer's masks from its loaded weights (no extra read) when the compute
+    dtype holds the stored values exactly; otherwise they are read again. Same masks either way."""
+    import torch
+
+    from dowser_tool import open_checkpoint
+    from dowser_tool.probe import ProbeRun, ProbeSettings
+    from dowser_tool.scoring import cut_mask, score_matrix
+
+    ckpt = open_checkpoint(llama4)
+    run = ProbeRun(ckpt, ProbeSettings(probes=4, probe_len=6, draws=2, dtype=dtype, resident="never"), progress=False)
+    data = run.run()
+    # float32 weights computed in float32: cut in the pass; in bfloat16: not exact, read again
+    assert bool(run.cut_early) == (dtype == "auto")
+    for key, packed in data.masks.items():
+        want = cut_mask(score_matrix(ckpt.read(key), data.psi[key], data.a[key], data.update_weights), 0.1)
+        assert torch.equal(packed.unpack(), want), key

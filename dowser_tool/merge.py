@@ -38,7 +38,7 @@ from .lora_merge import LoraAdapter, is_adapter
 from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
-from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar
+from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar
 from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
 
@@ -410,7 +410,8 @@ class Merge:
         # For an adapter the source is BASE itself: reuse the weight just read.
         own_base = not (self.adapter and item.base_name == item.name)
         base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
-        kernel = not (self._recut(restore) and self.sidecar.transposed(item.mask_names[0]))  # (out, in) only
+        kernel = not (self._recut(restore) and (self.sidecar.transposed(item.mask_names[0])  # (out, in) only
+                                                or self.sidecar.has_scores))  # the kernel scores from psi/a
         if kernel and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape and base.dim() == 2:
             if ft.data_ptr() == base.data_ptr():
                 ft = ft.clone()  # the kernels write into FT's tensor
@@ -661,16 +662,19 @@ def merge_checkpoint(
     allow_pickle: bool = False,
     force: bool = False,
     progress: bool = True,
+    mask_revision: str | None = None,
 ) -> list[MergeSummary]:
     """Repair FT from BASE with a mask sidecar; write one checkpoint per repair strength.
 
     `restore` F (default DEFAULT_RESTORE, 0.1) protects the top-F fraction of each masked matrix by score;
     `update_ratio` R is the same as restore 1-R. Several values write OUT-r<F> folders.
-    Returns one summary per output.
+    `mask` may be a Hub reference (`REPO_ID` or `REPO_ID/FILE`, at `mask_revision`; see
+    `sidecar.resolve_sidecar`). Returns one summary per output.
     """
     strengths = _restore_values(restore, update_ratio)
     if shard_size is not None and shard_size <= 0:
         raise DowserError(f"--shard-size must be positive, got {shard_size}")
+    mask = resolve_sidecar(mask, mask_revision)
     # Checked before any work; a sidecar without statistics allows one output only, so these stay right.
     dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, strengths or [None])]
     merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,

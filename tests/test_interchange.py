@@ -191,9 +191,16 @@ def test_import_of_files_laid_out_as_the_released_scripts_write_them(tmp_path):
     assert by_released["vision.vision_model.encoder.layers.1.mlp.fc2"] == "vision_tower.encoder.layers.1.mlp.fc2.weight"
     assert sc.roles == {by_released["lm_head"]: OUTPUT_HEAD}
     assert sc.metadata["imported"]["score_dtype"] == ["bfloat16"] and sc.metadata["imported"]["num_samples"] == [512]
-    # `dowser inspect` reads it; re-cut needs no base
+    # `dowser inspect` reads it; re-cut needs no base; its Hub card says where it came from
     r = run("inspect", out)
     assert r.exit_code == 0 and "saved (re-cut at any ratio)" in r.output
+    from huggingface_hub import ModelCard
+
+    from dowser_tool.card import write_model_card
+
+    card = ModelCard.load(write_model_card(out, repo_id="org/llava-dowser"))
+    assert card.data.base_model is None and "| imported from | Model-Dowser released scripts" in card.text
+    assert "| scores | full score matrices: masks can be re-cut at any ratio |" in card.text
 
 
 def test_nvila_llm_prefix_and_tied_head(tmp_path):

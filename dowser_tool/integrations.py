@@ -6,6 +6,8 @@ import logging
 
 from transformers import TrainerCallback
 
+from .errors import DowserError
+from .sidecar import Sidecar, resolve_sidecar
 from .training import ProtectHandle, protect
 
 logger = logging.getLogger(__name__)
@@ -21,9 +23,18 @@ class DowserCallback(TrainerCallback):
     runs). on_optimizer_step: the optimizer's own post-step hook has normally enforced the
     mask already; if it did not fire (an optimizer whose step bypasses torch's hooks), the
     mask is enforced here. on_train_end: the hooks are removed.
+
+    mask_path: a sidecar file, a Hub reference `REPO_ID` / `REPO_ID/FILE` (at `revision`),
+    a `Sidecar` or a dict of masks (as `protect` takes). A Hub sidecar is resolved (downloaded
+    into the HF cache, `sidecar.resolve_sidecar`) here, so a bad reference fails before the
+    Trainer starts. update_ratio: re-cut the masks at this ratio (see `protect`).
     """
 
-    def __init__(self, mask_path, update_ratio: float | None = None):
+    def __init__(self, mask_path, update_ratio: float | None = None, *, revision: str | None = None):
+        if not isinstance(mask_path, (dict, Sidecar)):
+            mask_path = resolve_sidecar(mask_path, revision)
+        elif revision is not None:
+            raise DowserError("revision= applies to a sidecar path or Hub reference, not to a Sidecar or dict")
         self.mask_path = mask_path
         self.update_ratio = update_ratio
         self.handle: ProtectHandle | None = None

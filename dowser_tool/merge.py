@@ -38,7 +38,7 @@ from .lora_merge import LoraAdapter, is_adapter
 from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
-from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar
+from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar
 from .repair import interpolate as blend
 from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
@@ -440,7 +440,8 @@ class Merge:
         # For an adapter the source is BASE itself: reuse the weight just read.
         own_base = not (self.adapter and item.base_name == item.name)
         base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
-        kernel = not (self._recut(restore) and self.sidecar.transposed(item.mask_names[0]))  # (out, in) only
+        kernel = not (self._recut(restore) and (self.sidecar.transposed(item.mask_names[0])  # (out, in) only
+                                                or self.sidecar.has_scores))  # the kernel scores from psi/a
         if kernel and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape and base.dim() == 2:
             if ft.data_ptr() == base.data_ptr():
                 ft = ft.clone()  # the kernels write into FT's tensor
@@ -698,6 +699,7 @@ def merge_checkpoint(
     allow_pickle: bool = False,
     force: bool = False,
     progress: bool = True,
+    mask_revision: str | None = None,
 ) -> list[MergeSummary]:
     """Repair FT from BASE with a mask sidecar; write one checkpoint per repair strength.
 
@@ -705,8 +707,13 @@ def merge_checkpoint(
     `update_ratio` R is the same as restore 1-R. Several values write OUT-r<F> folders.
     `interpolate` alpha instead writes BASE + alpha (FT - BASE) for every floating-point tensor both hold
     (WiSE-FT, Wortsman et al. 2022; task-vector scaling), OUT-a<alpha> for several; `mask` may then be None.
-    Returns one summary per output. Raises DowserError for any bad or disagreeing input.
+    `mask` may be a Hub reference (`REPO_ID` or `REPO_ID/FILE`, at `mask_revision`; see
+    `sidecar.resolve_sidecar`). Returns one summary per output. Raises DowserError for any bad or
+    disagreeing input.
     """
+    if shard_size is not None and shard_size <= 0:
+        raise DowserError(f"--shard-size must be positive, got {shard_size}")
+    alphas = None
     if interpolate is not None:
         if restore is not None or update_ratio is not None:
             raise DowserError("pass --interpolate or --restore/--update-ratio, not both")
@@ -714,20 +721,16 @@ def merge_checkpoint(
             [float(a) for a in interpolate] if isinstance(interpolate, (list, tuple)) else [float(interpolate)])
         if any(not 0.0 <= a <= 1.0 for a in alphas) or len(set(alphas)) != len(alphas):
             raise DowserError("--interpolate takes distinct weights in [0, 1]")
-        if shard_size is not None and shard_size <= 0:
-            raise DowserError(f"--shard-size must be positive, got {shard_size}")
-        dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, alphas, "a")]
-        merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,
-                      shard_size=shard_size, dtype=dtype, allow_pickle=allow_pickle, force=force, progress=progress)
-        return [merge.write(dest, None, alpha) for dest, alpha in zip(dests, alphas)]
-    if mask is None:
+    elif mask is None:
         raise DowserError("--mask is required (only --interpolate works without one)")
-    strengths = _restore_values(restore, update_ratio)
-    if shard_size is not None and shard_size <= 0:
-        raise DowserError(f"--shard-size must be positive, got {shard_size}")
+    strengths = None if alphas else _restore_values(restore, update_ratio)
+    mask = resolve_sidecar(mask, mask_revision) if mask is not None else None
     # Checked before any work; a sidecar without statistics allows one output only, so these stay right.
-    dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in output_dirs(out, strengths or [None])]
+    names = output_dirs(out, alphas, "a") if alphas else output_dirs(out, strengths or [None])
+    dests = [check_destination(d, force, inputs=[base, finetuned, mask]) for d in names]
     merge = Merge(base, finetuned, mask, base_revision=base_revision, finetuned_revision=finetuned_revision,
                   shard_size=shard_size, dtype=dtype, allow_pickle=allow_pickle, force=force, progress=progress)
+    if alphas:
+        return [merge.write(dest, None, alpha) for dest, alpha in zip(dests, alphas)]
     strengths = merge.strengths(strengths)
     return [merge.write(dest, strength) for dest, strength in zip(dests, strengths)]

@@ -6,10 +6,16 @@ A plain safetensors file:
   byte most-significant bit first (numpy.packbits order), 1 = protected.
 - optional statistics: `psi/<name>` F32 (U, out), `a/<name>` F32 (U, in), and
   `stats/update_weights` F32 (U,); score = |W| (.) Psi^T diag(w) A / sum(w).
+- optional full score matrices `score/<name>` F32/BF16/F16 (the weight's shape), instead of
+  psi/a: scores imported from the released Model-Dowser scripts (`dowser import-scores`);
+  re-cutting uses them as they are.
 - optional `probe/token_ids` I64 (K, T): the probe sequences used.
 - string metadata: format, format_version, provenance and settings (JSON values),
   and (version 2) `roles`: which masks belong to the output head or input
   embedding, since a tied head is stored under the embedding's name.
+
+A sidecar may live on the Hugging Face Hub: `resolve_sidecar` turns a reference (a local
+path, `REPO_ID` or `REPO_ID/FILE`) into a local file, and every reader goes through it.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ FORMAT_VERSION = 2  # 2: adds the `roles` metadata; version 1 files are still re
 SUFFIX = ".dowser.safetensors"
 OUTPUT_HEAD, INPUT_EMBEDDING = "output_head", "input_embedding"
 ROLES = (OUTPUT_HEAD, INPUT_EMBEDDING)
+
+# Full score matrices (`score/<name>`) are kept in the dtype they came in; cutting reads them as float32.
+SCORE_DTYPES = ("F32", "BF16", "F16")
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -87,6 +96,7 @@ class SidecarData:
     probe_tokens: torch.Tensor | None = None
     info: dict = field(default_factory=dict)  # provenance and settings (JSON-able values)
     roles: dict[str, str] = field(default_factory=dict)  # mask name -> OUTPUT_HEAD or INPUT_EMBEDDING
+    scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> full score matrix (instead of psi/a)
 
 
 def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
@@ -106,6 +116,16 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
             tensors[f"psi/{name}"] = data.psi[name].detach().to("cpu", torch.float32).contiguous()
             tensors[f"a/{name}"] = data.a[name].detach().to("cpu", torch.float32).contiguous()
         tensors["stats/update_weights"] = data.update_weights.detach().to("cpu", torch.float32).contiguous()
+    if data.scores:
+        if data.psi:
+            raise ValueError("a sidecar holds score statistics (psi/a) or full scores, not both")
+        if set(data.scores) != set(data.masks):
+            raise ValueError("full scores must be given for every mask")
+        for name in sorted(data.scores):
+            score = data.scores[name].detach().to("cpu").contiguous()
+            if TORCH_TO_ST.get(score.dtype) not in SCORE_DTYPES or tuple(score.shape) != tuple(shapes[name]):
+                raise ValueError(f"score of {name!r} must be float32, bfloat16 or float16 of shape {shapes[name]}")
+            tensors[f"score/{name}"] = score
     if data.probe_tokens is not None:
         tensors["probe/token_ids"] = data.probe_tokens.detach().to("cpu", torch.int64).contiguous()
     meta = {
@@ -116,6 +136,8 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
         "has_stats": json.dumps(bool(data.psi)),
         "roles": json.dumps(_checked_roles(data.roles, data.masks, str(path)), sort_keys=True),
     }
+    if data.scores:  # written only when true, so that sidecars without scores stay byte-identical to before
+        meta["has_scores"] = "true"
     for key, value in sorted(data.info.items()):
         meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     path = Path(path)
@@ -141,14 +163,23 @@ def _checked_roles(roles, names, where: str) -> dict[str, str]:
 class Sidecar:
     """A sidecar opened for reading; tensors are read lazily (memory-mapped).
 
+    `path`: a local file or folder, or a Hub reference `REPO_ID` / `REPO_ID/FILE` at `revision`
+    (see `resolve_sidecar`, which downloads it into the HF cache); `self.path` is the local file.
+
     `roles` maps each mask of the output head or input embedding to its role (OUTPUT_HEAD,
     INPUT_EMBEDDING): recorded by version 2 writers, inferred for version 1 files (see
     `_inferred_roles`). Masks of other weights have no role and are matched by name.
+
+    Scores come from one of two sources (docs/FORMAT.md): rank-U statistics psi/a
+    (`has_factors`, what `dowser probe` saves) or full score matrices `score/<name>`
+    (`has_scores`, what `dowser import-scores` stores). `has_stats` is true when either is
+    there, i.e. when masks can be re-cut at another ratio. Raises DowserError (one line) for a
+    missing, foreign, newer or inconsistent file.
     """
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-        where = str(path)
+    def __init__(self, path: str | os.PathLike, revision: str | None = None):
+        self.path = resolve_sidecar(path, revision)
+        where = str(self.path)
         if not self.path.is_file():
             raise DowserError(f"{where}: no such file")
         header = read_header(self.path)
@@ -174,7 +205,18 @@ class Sidecar:
             entry = header.tensors.get(f"mask/{name}")
             if entry is None or entry.dtype != "U8" or entry.numel != (math.prod(shape) + 7) // 8:
                 raise DowserError(f"{where}: mask of {name!r} is missing or has the wrong size for shape {list(shape)}")
-        self.has_stats = bool(self.metadata.get("has_stats")) and "stats/update_weights" in header.tensors
+        self.has_factors = bool(self.metadata.get("has_stats")) and "stats/update_weights" in header.tensors
+        self.has_scores = self.metadata.get("has_scores") is True
+        if self.has_scores:
+            if self.has_factors:
+                raise DowserError(f"{where}: holds both score statistics (psi/, a/) and full scores (score/); "
+                                  "a sidecar holds one or the other")
+            for name, shape in self.shapes.items():
+                entry = header.tensors.get(f"score/{name}")
+                if entry is None or entry.dtype not in SCORE_DTYPES or tuple(entry.shape) != shape:
+                    raise DowserError(f"{where}: score of {name!r} is missing or is not an "
+                                      f"{'/'.join(SCORE_DTYPES)} tensor of shape {list(shape)}")
+        self.has_stats = self.has_factors or self.has_scores
         self._keys = set(header.tensors)
         self.version = version
         recorded = _checked_roles(self.metadata.get("roles", {}), self.shapes, where) if version >= 2 else {}
@@ -232,6 +274,8 @@ class Sidecar:
 
     def stats(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(psi (U, out), a (U, in), update weights (U,)) for one weight."""
+        if self.has_scores:
+            raise DowserError(f"{self.path}: holds full score matrices (imported scores), not psi/a statistics")
         if not self.has_stats:
             raise DowserError(f"{self.path}: holds no score statistics (probed with --no-save-stats)")
         return self._get(f"psi/{name}"), self._get(f"a/{name}"), self._get("stats/update_weights")
@@ -245,14 +289,22 @@ class Sidecar:
         info = (self.metadata.get("tensor_info") or {}).get(name) or {}
         return info.get("layout") == "in_out"
 
-    def score(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        """The Dowser score of `name` (float32, its stored shape) from statistics and the base weight."""
+    def score(self, name: str, weight: torch.Tensor | None) -> torch.Tensor:
+        """The Dowser score of `name` (float32, its stored shape): the stored full score matrix when
+        the sidecar holds one (`weight` is then not needed), else |W| (.) Psi^T diag(w) A / sum(w)
+        from the statistics and the base weight (`scoring.score_matrix`)."""
+        if self.has_scores:
+            return self._get(f"score/{name}").float()
+        if weight is None:
+            raise DowserError(f"{self.path}: scoring {name!r} from statistics needs the base weight")
         psi, a, w = self.stats(name)
         return score_matrix(weight, psi, a, w, transposed=self.transposed(name))
 
-    def recut(self, name: str, weight: torch.Tensor, update_ratio: float) -> torch.Tensor:
-        """The protected mask of `name` at another update ratio, from statistics and the base weight."""
-        if tuple(weight.shape) != self.shapes[name]:
+    def recut(self, name: str, weight: torch.Tensor | None, update_ratio: float) -> torch.Tensor:
+        """The protected mask of `name` at another update ratio (`scoring.cut_mask`: exactly
+        round(ratio * numel) entries trainable, ties by index), from the stored scores, or from the
+        statistics and the base weight `weight` (checked against the mask's shape when given)."""
+        if weight is not None and tuple(weight.shape) != self.shapes[name]:
             raise DowserError(
                 f"{self.path}: {name!r} has shape {list(self.shapes[name])} in the mask but "
                 f"{list(weight.shape)} in the model"
@@ -261,10 +313,12 @@ class Sidecar:
 
     def read_all(self) -> SidecarData:
         data = SidecarData(masks=self.masks(), probe_tokens=self.probe_tokens(), roles=dict(self.roles))
-        if self.has_stats:
+        if self.has_factors:
             for n in self.names:
                 data.psi[n], data.a[n], data.update_weights = self.stats(n)
-        skip = {"format", "format_version", "tool_version", "tensors", "has_stats", "roles"}
+        if self.has_scores:
+            data.scores = {n: self._get(f"score/{n}") for n in self.names}
+        skip = {"format", "format_version", "tool_version", "tensors", "has_stats", "has_scores", "roles"}
         data.info = {k: v for k, v in self.metadata.items() if k not in skip}
         return data
 
@@ -274,19 +328,28 @@ def default_sidecar_name(model: str) -> str:
     return Path(str(model).rstrip("/")).name + SUFFIX
 
 
-def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, torch.Tensor]:
+def load_mask(path, update_ratio: float | None = None, base=None, *, revision: str | None = None
+              ) -> dict[str, torch.Tensor]:
     """The protected-entry masks of a sidecar, keyed by checkpoint tensor name (True = protected).
 
-    With `update_ratio`, re-cut every mask at that ratio from the saved statistics
-    and the base weights: `base` is a folder, Hub repo id or `Checkpoint`; by default
-    the base model (id and commit) recorded in the sidecar.
+    `path`: a local file, a `Sidecar`, or a Hub reference `REPO_ID` / `REPO_ID/FILE` at
+    `revision` (downloaded into the HF cache, `resolve_sidecar`). Masks are Bool tensors of
+    each weight's shape.
+
+    With `update_ratio`, re-cut every mask at that ratio (exactly round(ratio * numel)
+    trainable entries per matrix, `scoring.cut_mask`): from stored full scores as they are, or
+    from the saved statistics and the base weights: `base` is a folder, Hub repo id or
+    `Checkpoint`; by default the base model (id and commit) recorded in the sidecar.
+    Raises DowserError when the sidecar holds neither statistics nor scores.
     """
-    sidecar = path if isinstance(path, Sidecar) else Sidecar(path)
+    sidecar = path if isinstance(path, Sidecar) else Sidecar(path, revision)
     if update_ratio is None:
         return sidecar.masks()
     update_ratio = validate_ratio(update_ratio)
     if not sidecar.has_stats:
         raise DowserError(f"{sidecar.path}: cannot re-cut at update ratio {update_ratio}: no statistics saved")
+    if sidecar.has_scores and base is None:  # the scores already hold |W|: no base weights needed
+        return {name: sidecar.recut(name, None, update_ratio) for name in sidecar.names}
     ckpt = open_base(sidecar, base)
     from .anatomy import KeyRules, NameMap
 
@@ -299,12 +362,14 @@ def load_mask(path, update_ratio: float | None = None, base=None) -> dict[str, t
     return out
 
 
-def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = False) -> Path:
-    """Write a copy of a sidecar whose masks are re-cut at `update_ratio` (statistics kept)."""
+def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = False,
+                  revision: str | None = None) -> Path:
+    """Write a copy of a sidecar (local, or a Hub reference at `revision`) whose masks are re-cut
+    at `update_ratio` (statistics or scores kept). Never overwrites `out` without `force`."""
     from .outputs import check_destination
 
-    sidecar = Sidecar(path)
-    dest = check_destination(out, force, inputs=[path])
+    sidecar = Sidecar(path, revision)
+    dest = check_destination(out, force, inputs=[sidecar.path])
     data = sidecar.read_all()
     data.masks = load_mask(sidecar, update_ratio, base)
     data.info["update_ratio"] = validate_ratio(update_ratio)
@@ -325,3 +390,105 @@ def open_base(sidecar: Sidecar, base=None):
     if Path(rec["id"]).is_dir():
         return open_checkpoint(rec["id"])
     return open_checkpoint(rec["id"], rec.get("sha") or rec.get("revision"))
+
+
+# ---- sidecars on the Hub ---------------------------------------------------------------------------
+def resolve_sidecar(ref: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local file a sidecar reference names; the one place where sidecars are found.
+
+    `ref` is, in this order:
+    - an existing local file: returned as it is (a local path always wins over the Hub);
+    - an existing local folder holding exactly one `*.dowser.safetensors` (at any depth);
+    - a Hub model repo `REPO_ID` ("org/name"): its single `*.dowser.safetensors` file;
+    - `REPO_ID/FILE`: the file FILE (a path inside the repo) of that repo.
+    `revision` (branch, tag or commit) pins a Hub repo; it is refused for local paths.
+
+    Hub files are listed with `HfApi.model_info` (the file list at the commit the revision
+    resolves to) and downloaded with `hf_hub_download` at that commit into the standard HF
+    cache (HF_HUB_CACHE / HF_HOME, HF_ENDPOINT and HF_TOKEN honoured). With HF_HUB_OFFLINE=1
+    nothing is requested: the cached snapshot of the revision (`snapshot_download(...,
+    local_files_only=True)`) is read instead, so a sidecar downloaded once keeps working
+    offline. Raises DowserError (one line) when nothing matches, when a repo holds no sidecar
+    or several (listed), or when the Hub cannot be reached.
+    """
+    text = os.fspath(ref)
+    path = Path(text).expanduser()
+    if path.exists():
+        if revision:
+            raise DowserError(f"{text}: a revision applies to Hub sidecars, not to local files")
+        if path.is_dir():
+            files = sorted(str(p.relative_to(path)) for p in path.rglob(f"*{SUFFIX}") if p.is_file())
+            if not files:
+                raise DowserError(f"{text}: no such file: it is a folder, and holds no *{SUFFIX} file")
+            return path / _single_sidecar(files, text, text.rstrip("/"))
+        return path
+    repo_id, filename = _hub_reference(text)
+    where = text + (f"@{revision}" if revision else "")
+    from .checkpoint import _HubFiles, _short, hub_cache_dir, hub_endpoint, hub_offline
+
+    if hub_offline():
+        from huggingface_hub import snapshot_download
+
+        try:
+            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
+                                            cache_dir=hub_cache_dir()))
+        except Exception:
+            raise DowserError(f"{where}: no such local file, and HF_HUB_OFFLINE is set but {repo_id}"
+                              f"{' at ' + revision if revision else ''} is not in the HF cache") from None
+        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+        name = filename or _single_sidecar(files, f"{where} (HF cache, offline)", repo_id)
+        if name not in files:
+            raise DowserError(f"{where}: HF_HUB_OFFLINE is set and {name} of {repo_id} is not in the HF cache")
+        return folder / name
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = hub_endpoint()
+    try:
+        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        raise DowserError(f"{where}: revision {revision!r} of {repo_id} does not exist") from None
+    except RepositoryNotFoundError:
+        raise DowserError(f"{where}: no such local file, and no repo {repo_id} on {endpoint} (or it is private)") from None
+    except Exception as e:
+        raise DowserError(f"{where}: cannot reach {endpoint} ({_short(e)}); set HF_HUB_OFFLINE=1 to use the HF cache") from None
+    files = sorted(s.rfilename for s in (info.siblings or []))
+    at = f"{repo_id}@{info.sha[:12]}"
+    name = filename or _single_sidecar(files, at, repo_id)
+    if name not in files:
+        found = [f for f in files if f.endswith(SUFFIX)]
+        raise DowserError(f"{where}: {at} has no file {name!r} (its sidecars: {', '.join(found) or 'none'})")
+    return _HubFiles(repo_id, info.sha, files, True, revision).path(name)
+
+
+def _hub_reference(text: str) -> tuple[str, str | None]:
+    """`org/name` -> (repo id, None); `org/name/FILE` -> (repo id, FILE); else "no such file".
+    A two-part reference that ends in `.safetensors` is a missing local file, not a repo."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = text.split("/")
+    local = (text.startswith((".", "/", "~")) or "\\" in text or len(parts) < 2 or not all(parts)
+             or (len(parts) == 2 and text.endswith(".safetensors")))
+    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
+    if not local:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            local = True
+    if local:
+        raise DowserError(f"{text}: no such file")
+    return repo_id, filename
+
+
+def _single_sidecar(files: list[str], where: str, prefix: str) -> str:
+    """The one `*.dowser.safetensors` among `files` (relative names); DowserError for none or several
+    (naming them as `prefix/FILE`, the reference that picks one)."""
+    found = [f for f in files if f.endswith(SUFFIX)]
+    if len(found) == 1:
+        return found[0]
+    if not found:
+        shown = ", ".join(files[:5]) + (f", ... ({len(files)} files)" if len(files) > 5 else "")
+        raise DowserError(f"{where}: holds no *{SUFFIX} file ({shown or 'no files'})")
+    raise DowserError(f"{where}: holds {len(found)} sidecars ({', '.join(found)}); name one, "
+                      f"e.g. {prefix}/{found[0]}")

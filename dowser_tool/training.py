@@ -251,13 +251,15 @@ def torch_optimizer(optimizer):
 class _MaskSource:
     """A sidecar (masks, maybe statistics) or a plain dict of masks, behind one interface."""
 
-    def __init__(self, mask_or_path):
+    def __init__(self, mask_or_path, revision: str | None = None):
+        if revision is not None and isinstance(mask_or_path, (dict, Sidecar)):
+            raise DowserError("revision= applies to a sidecar path or Hub reference, not to a Sidecar or dict")
         if isinstance(mask_or_path, dict):
             self.sidecar = None
             self._masks = mask_or_path
             self.names = list(mask_or_path)
         else:
-            self.sidecar = mask_or_path if isinstance(mask_or_path, Sidecar) else Sidecar(os.fspath(mask_or_path))
+            self.sidecar = mask_or_path if isinstance(mask_or_path, Sidecar) else Sidecar(os.fspath(mask_or_path), revision)
             self.names = self.sidecar.names
         self.has_stats = self.sidecar is not None and self.sidecar.has_stats
         self.roles = self.sidecar.roles if self.sidecar is not None else {}
@@ -275,11 +277,12 @@ class _MaskSource:
 
 
 def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None = None, optimizer=None,
-            lora_axis_fraction: float | None = None) -> ProtectHandle:
+            lora_axis_fraction: float | None = None, revision: str | None = None) -> ProtectHandle:
     """Keep every protected entry of `model` bit-identical to its value now, through any
     number of optimizer steps.
 
-    mask_or_path: a sidecar path, a `Sidecar`, or a dict {name: Bool tensor, True = protected};
+    mask_or_path: a sidecar path, a Hub reference `REPO_ID` / `REPO_ID/FILE` (at `revision`;
+    `sidecar.resolve_sidecar`), a `Sidecar`, or a dict {name: Bool tensor, True = protected};
     names may be checkpoint names or the model's own parameter names. update_ratio: re-cut
     the masks at this ratio from the sidecar's statistics, using the model's weights now as
     the base. optimizer: watch only this optimizer (and zero its existing state for protected
@@ -292,7 +295,7 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
     if lora_axis_fraction is not None:
         lora_axis_fraction = validate_ratio(lora_axis_fraction, "lora_axis_fraction")
     model = _unwrap(model)
-    source = _MaskSource(mask_or_path)
+    source = _MaskSource(mask_or_path, revision)
     if update_ratio is not None and not source.has_stats:
         raise DowserError(f"cannot re-cut at update ratio {update_ratio}: the mask holds no score statistics")
     params = dict(model.named_parameters(remove_duplicate=False))

@@ -111,6 +111,35 @@ def report(handle, first_loss: float, last_loss: float) -> None:
         raise SystemExit(f"protected entries moved in {changed}")
 
 
+def trainer_settings(args, prefix: str) -> dict:
+    """Settings shared by the Trainer-based examples (transformers' TrainingArguments, TRL's SFTConfig)."""
+    return dict(
+        output_dir=args.out or scratch_dir(prefix),
+        max_steps=args.steps,
+        per_device_train_batch_size=4,
+        learning_rate=args.lr,
+        weight_decay=0.1,  # on purpose: the callback keeps protected weights fixed even so
+        warmup_steps=max(1, args.steps // 10),
+        lr_scheduler_type="cosine",
+        logging_steps=max(1, args.steps // 4),
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+
+
+def train_and_report(trainer, callback, args) -> None:
+    """Run a Trainer that holds a DowserCallback, check the protected entries, save to --out."""
+    result = trainer.train()
+    print(f"trained {result.global_step} steps with {type(trainer).__name__}")
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    report(callback.handle, losses[0], result.training_loss if len(losses) < 2 else losses[-1])
+    if args.out:
+        trainer.save_model(args.out)
+        print("saved", args.out)
+
+
 def main():
     from dowser_tool import protect
 

@@ -47,10 +47,11 @@ def main():
 def _register() -> None:
     # One module per subcommand; each holds only argument parsing and calls into the library.
     from .inspect_cmd import inspect
+    from .interchange_cmd import export_scores, import_scores
     from .merge_cmd import merge
     from .probe_cmd import mask, probe
 
-    for command in (probe, mask, merge, inspect):
+    for command in (probe, mask, merge, inspect, import_scores, export_scores):
         main.add_command(command)
 
 

@@ -6,15 +6,17 @@ from . import user_errors
 
 
 @click.command()
-@click.argument("sidecar", type=click.Path(dir_okay=False))
+@click.argument("sidecar")
+@click.option("--revision", help="Branch, tag or commit of a Hub sidecar (REPO_ID or REPO_ID/FILE).")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON.")
 @click.option("--plot", "plot_png", type=click.Path(dir_okay=False), help="Save a PNG of protected fraction by layer.")
 @user_errors
-def inspect(sidecar, as_json, plot_png):
-    """Show provenance and per-tensor protected fractions of a sidecar."""
+def inspect(sidecar, revision, as_json, plot_png):
+    """Show provenance and per-tensor protected fractions of a sidecar (a file, or a Hub REPO_ID or REPO_ID/FILE)."""
     from ..inspection import format_json, format_text, plot, summarize
+    from ..sidecar import resolve_sidecar
 
-    summary = summarize(sidecar)
+    summary = summarize(resolve_sidecar(sidecar, revision))
     click.echo(format_json(summary) if as_json else format_text(summary))
     if plot_png:
         plot(summary, plot_png)

@@ -10,7 +10,8 @@ from . import user_errors
 @click.command()
 @click.option("--base", help="Base model the mask was probed on (folder or Hub id).  [required]")
 @click.option("--finetuned", help="Fine-tuned model, or a PEFT LoRA adapter on BASE (folder or Hub id).  [required]")
-@click.option("--mask", "mask_path", help="Mask sidecar.  [required, except with --interpolate]")
+@click.option("--mask", "mask_path", help="Mask sidecar: a file, or a Hub repo REPO_ID (its single *.dowser.safetensors) "
+              "or REPO_ID/FILE.  [required, except with --interpolate]")
 @click.option("--out", help="Output folder.  [required]")
 @click.option("--restore", help="Fraction of each masked matrix restored from BASE, highest scores first; "
               "a comma list writes OUT-r<F> per value [default: 0.1].")
@@ -19,6 +20,7 @@ from . import user_errors
               "(WiSE-FT); a comma list writes OUT-a<ALPHA> per value. No mask needed.")
 @click.option("--base-revision", help="Branch, tag or commit of a Hub BASE.")
 @click.option("--finetuned-revision", help="Branch, tag or commit of a Hub FT.")
+@click.option("--mask-revision", help="Branch, tag or commit of a Hub mask.")
 @click.option("--shard-size", help="Re-shard the output into files up to this size, e.g. 5GB [default: FT's shards].")
 @click.option("--dtype", default="keep", show_default=True,
               help="Output dtype of floating-point tensors: keep, bfloat16, float16 or float32.")
@@ -27,6 +29,7 @@ from . import user_errors
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def merge(base, finetuned, mask_path, out, restore, update_ratio, interpolate, base_revision, finetuned_revision,
+          mask_revision,
           shard_size, dtype, allow_pickle, force, quiet):
     """Repair a fine-tuned checkpoint: restore the top-scoring weights of each masked matrix from BASE."""
     from ..errors import DowserError
@@ -43,7 +46,7 @@ def merge(base, finetuned, mask_path, out, restore, update_ratio, interpolate, b
         base, finetuned, mask_path, out, restore=restore, update_ratio=update_ratio, interpolate=interpolate,
         base_revision=base_revision,
         finetuned_revision=finetuned_revision, shard_size=parse_size(shard_size) if shard_size else None,
-        dtype=dtype, allow_pickle=allow_pickle, force=force, progress=not quiet,
+        dtype=dtype, allow_pickle=allow_pickle, force=force, progress=not quiet, mask_revision=mask_revision,
     )
     for summary in summaries:
         click.echo(summary.line())

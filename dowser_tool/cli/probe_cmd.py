@@ -41,19 +41,38 @@ def _split(value):
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its OUT.resume state.")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
 @click.option("--download", is_flag=True, help="Download whole Hub shards to the HF cache instead of ranged reads.")
-@click.option("--force", is_flag=True, help="Overwrite an existing output.")
+@click.option("--card", is_flag=True, help="Also write a Hub model card (README.md) beside the sidecar, so that "
+              "uploading the folder gives a usable Hub page.")
+@click.option("--card-repo", help="The Hub repo the folder will be uploaded to, used in the card's commands "
+              "[default: ORG/NAME].")
+@click.option("--force", is_flag=True, help="Overwrite an existing output (and README.md with --card).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def probe(model, revision, out, include, activation_budget, resume, allow_pickle, download, force, quiet, **options):
+def probe(model, revision, out, include, activation_budget, resume, allow_pickle, download, card, card_repo, force,
+          quiet, **options):
     """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
     from ..probe import ProbeSettings, parse_size, probe as run_probe
+    from ..sidecar import default_sidecar_name
+
     budget = parse_size(activation_budget) if activation_budget else None
     settings = ProbeSettings(include=_split(include), activation_budget=budget, **options)
+    if card_repo and not card:
+        from ..errors import DowserError
+
+        raise DowserError("--card-repo names the repo in the model card: pass --card too")
+    if card:  # refused before any work when README.md exists
+        from ..card import card_destination
+
+        card_destination(out or default_sidecar_name(model), force)
     summary = run_probe(model, out, revision=revision, settings=settings, force=force, resume=resume,
                         allow_pickle=allow_pickle, download=download, progress=not quiet)
     if summary["rank"] != 0:
         return
     click.echo(summary_line(summary))
+    if card:
+        from ..card import write_model_card
+
+        click.echo(f"wrote {write_model_card(summary['path'], repo_id=card_repo, force=force)}")
 
 
 def summary_line(summary: dict) -> str:
@@ -74,15 +93,17 @@ def summary_line(summary: dict) -> str:
 
 
 @click.command()
-@click.argument("sidecar", type=click.Path(dir_okay=False))
+@click.argument("sidecar")
+@click.option("--revision", help="Branch, tag or commit of a Hub sidecar (REPO_ID or REPO_ID/FILE).")
 @click.option("--update-ratio", type=float, required=True, help="New trainable fraction of each matrix.")
 @click.option("--base", help="Base model (folder or Hub id) [default: the one the sidecar records].")
 @click.option("--out", type=click.Path(dir_okay=False), required=True, help="Output sidecar.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @user_errors
-def mask(sidecar, update_ratio, base, out, force):
-    """Re-cut a sidecar's masks at another update ratio from its saved statistics (no probing)."""
+def mask(sidecar, revision, update_ratio, base, out, force):
+    """Re-cut a sidecar's masks (a file, or a Hub REPO_ID or REPO_ID/FILE) at another update ratio from its
+    saved statistics or scores (no probing)."""
     from ..sidecar import recut_sidecar
 
-    path = recut_sidecar(sidecar, update_ratio, out, base=base, force=force)
+    path = recut_sidecar(sidecar, update_ratio, out, base=base, force=force, revision=revision)
     click.echo(f"wrote {path} at update ratio {update_ratio}")

@@ -32,7 +32,7 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .errors import DowserError
 from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import OUTPUT_HEAD, PackedMask, SidecarData, default_sidecar_name, write_sidecar
+from .sidecar import OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, write_sidecar
 from .statistics import StatsRecorder
 from .streaming import BlockRunner, trim_heap
 
@@ -265,7 +265,7 @@ class ProbeRun:
     which candidate tensors are left out and why.
     """
 
-    def __init__(self, ckpt: Checkpoint, settings: ProbeSettings, progress: bool = True):
+    def __init__(self, ckpt: Checkpoint, settings: ProbeSettings, progress: bool = True, spill_dir=None):
         settings.validate()
         self.ckpt, self.s, self.progress = ckpt, settings, progress
         self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype, ckpt.config or {})
@@ -294,7 +294,8 @@ class ProbeRun:
             raise DowserError(f"{ckpt.where}: nothing to score with --layers {settings.layers} --include {settings.include}")
         self.sizes = {w.key: _out_in(w, self.anatomy.shapes[w.key]) for w in self.weights}
         self.tokens: torch.Tensor | None = None
-        self.cut_early: dict[str, PackedMask] = {}  # masks cut in the last pass, by checkpoint key
+        self.cut_early: dict = {}  # masks cut in the last pass, by checkpoint key
+        self.mask_spill = MaskSpill(spill_dir)  # packed masks on disk until the sidecar is written
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
         self.activation_budget = settings.activation_budget or default_activation_budget()
@@ -596,9 +597,10 @@ class ProbeRun:
                 psi, a = torch.stack(rec.psi[x.key]), torch.stack(rec.a[x.key])
                 self.cut_early[x.key] = self._cut(x, W, psi, a, torch.tensor(self.update_weights))
 
-    def _cut(self, x: Weight, W: torch.Tensor, psi, a, w) -> "PackedMask":
+    def _cut(self, x: Weight, W: torch.Tensor, psi, a, w):
+        """x's mask, cut from its weight and statistics, bit-packed into the spill file."""
         score = score_matrix(W, psi, a, w, transposed=x.transposed)
-        mask = PackedMask.of(cut_mask(score, self.s.update_ratio))
+        mask = self.mask_spill.add(PackedMask.of(cut_mask(score, self.s.update_ratio)))
         del score
         trim_heap()
         return mask
@@ -682,7 +684,8 @@ class ProbeRun:
                 continue
             if s.method == "random":
                 gen = torch.Generator().manual_seed(s.seed * 1_000_003 + idx)
-                masks[x.key] = PackedMask.of(cut_mask(torch.rand(self.ckpt.shape(x.key), generator=gen), s.update_ratio))
+                masks[x.key] = self.mask_spill.add(PackedMask.of(cut_mask(torch.rand(self.ckpt.shape(x.key), generator=gen),
+                                                                     s.update_ratio)))
                 continue
             W = self._loaded_weight(x)  # the stem (lm_head, vision, projector) stays loaded
             W = self.runner.read_raw([x.key])[x.key] if W is None else W
@@ -789,7 +792,7 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
     dest = check_destination(dest, force or resume, inputs=[model])
     t0 = time.perf_counter()
     ckpt = open_checkpoint(model, revision, allow_pickle=allow_pickle, download=download)
-    run = ProbeRun(ckpt, settings, progress and rank == 0)
+    run = ProbeRun(ckpt, settings, progress and rank == 0, spill_dir=dest.parent)
     try:
         identity = [ckpt.source, ckpt.sha, sorted((n, list(ckpt.shape(n))) for n in ckpt.tensor_names())]
         state = ResumeState(state_path, {"settings": settings.fingerprint(), "model": identity}) if world == 1 else None
@@ -800,10 +803,11 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
             write_sidecar(dest, data)
         if state is not None:
             state.remove()
+        numel = sum(m.numel() for m in data.masks.values())
+        protected = sum(m.protected() for m in data.masks.values())
     finally:
         run.runner.close()
-    numel = sum(m.numel() for m in data.masks.values())
-    protected = sum(m.protected() for m in data.masks.values())
+        run.mask_spill.close()
     return {
         "path": str(dest),
         "rank": rank,

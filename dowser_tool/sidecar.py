@@ -85,9 +85,56 @@ class PackedMask:
         return int(self.unpack().sum())
 
 
+class SpilledMask:
+    """A packed mask kept in a `MaskSpill` file instead of memory; reads its bits on demand."""
+
+    def __init__(self, spill: "MaskSpill", offset: int, nbytes: int, shape: tuple[int, ...]):
+        self._spill, self._offset, self._nbytes, self.shape = spill, offset, nbytes, tuple(shape)
+
+    @property
+    def bits(self) -> torch.Tensor:
+        return self._spill.read(self._offset, self._nbytes)
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def protected(self) -> int:
+        return int(self.unpack().sum())
+
+
+class MaskSpill:
+    """Packed masks written to a temporary file as they are cut, so that memory holds one mask, not
+    numel/8 bytes for the whole model (1.6 GB for a 13B model). The file has no name (it is gone
+    when closed, or when the process ends however it ends)."""
+
+    def __init__(self, folder: str | os.PathLike | None = None):
+        import tempfile
+
+        self._file = tempfile.TemporaryFile(dir=folder)
+        self._size = 0
+
+    def add(self, mask: PackedMask) -> SpilledMask:
+        data = mask.bits.numpy().tobytes()
+        self._file.seek(self._size)
+        self._file.write(data)
+        handle = SpilledMask(self, self._size, len(data), mask.shape)
+        self._size += len(data)
+        return handle
+
+    def read(self, offset: int, nbytes: int) -> torch.Tensor:
+        self._file.flush()
+        return torch.frombuffer(bytearray(os.pread(self._file.fileno(), nbytes, offset)), dtype=torch.uint8)
+
+    def close(self) -> None:
+        self._file.close()
+
+
 @dataclass
 class SidecarData:
-    """Everything a sidecar holds, in memory."""
+    """Everything a sidecar holds, in memory (masks may be spilled to a file: `SpilledMask`)."""
 
     masks: dict[str, torch.Tensor | PackedMask]  # name -> Bool (True = protected) or packed
     psi: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -102,13 +149,14 @@ class SidecarData:
 def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     """Write atomically; names and metadata keys are sorted so equal inputs give byte-identical
     files (safetensors' own save_file orders metadata by hash, differently on every run)."""
-    tensors: dict[str, torch.Tensor] = {}
-    shapes = {}
+    tensors: dict[str, torch.Tensor] = {}  # values may be callables that produce the tensor when written
+    shapes, specs = {}, {}
     for name in sorted(data.masks):
         m = data.masks[name]
-        packed = m if isinstance(m, PackedMask) else PackedMask.of(m)
+        packed = m if isinstance(m, (PackedMask, SpilledMask)) else PackedMask.of(m)
         shapes[name] = list(packed.shape)
-        tensors[f"mask/{name}"] = packed.bits
+        tensors[f"mask/{name}"] = (lambda p=packed: p.bits) if isinstance(packed, SpilledMask) else packed.bits
+        specs[f"mask/{name}"] = ("U8", ((math.prod(packed.shape) + 7) // 8,))
     if data.psi:
         if data.update_weights is None:
             raise ValueError("statistics need update_weights")
@@ -141,11 +189,11 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     for key, value in sorted(data.info.items()):
         meta[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
     path = Path(path)
-    specs = [(name, TORCH_TO_ST[t.dtype], tuple(t.shape)) for name, t in tensors.items()]
+    specs = [(name, *(specs.get(name) or (TORCH_TO_ST[t.dtype], tuple(t.shape)))) for name, t in tensors.items()]
     with atomic_file(path) as tmp:
         with StreamingWriter(tmp, specs, dict(sorted(meta.items()))) as writer:
             for name, t in tensors.items():
-                writer.write(name, t)
+                writer.write(name, t() if callable(t) else t)
     return path
 
 

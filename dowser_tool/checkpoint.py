@@ -460,6 +460,27 @@ def open_checkpoint(
     return _open_hub(source, revision, allow_pickle, download)
 
 
+def hub_model_info(repo_id: str, revision: str | None, where: str, missing: str, hint: str = ""):
+    """`HfApi.model_info` of a repo at a revision (resolved commit and file list), at HF_ENDPOINT.
+
+    Raises DowserError (one line, starting with `where`): an unknown revision, a missing or private
+    repo (`missing` says what was looked for), an unreachable endpoint (`hint` added).
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    endpoint = hub_endpoint()
+    try:
+        return HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
+    except RevisionNotFoundError:
+        of = "" if where == repo_id else f" of {repo_id}"
+        raise DowserError(f"{where}: revision {revision!r}{of} does not exist") from None
+    except RepositoryNotFoundError:
+        raise DowserError(f"{where}: {missing} on {endpoint} (or it is private)") from None
+    except Exception as e:
+        raise DowserError(f"{where}: cannot reach {endpoint} ({_short(e)}){hint}") from None
+
+
 def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, download: bool) -> Checkpoint:
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
@@ -476,13 +497,6 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, download: 
                 f"{' at ' + revision if revision else ''} is not in the HF cache"
             ) from None
         return Checkpoint(repo_id, _LocalFiles(folder), revision, folder.name, allow_pickle)
-    try:
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
-    except RevisionNotFoundError:
-        raise DowserError(f"{repo_id}: revision {revision!r} does not exist") from None
-    except RepositoryNotFoundError:
-        raise DowserError(f"{repo_id}: no such local folder, and no such repo on {endpoint} (or it is private)") from None
-    except Exception as e:
-        raise DowserError(f"{repo_id}: cannot reach {endpoint} ({_short(e)})") from None
+    info = hub_model_info(repo_id, revision, repo_id, "no such local folder, and no such repo")
     files = [s.rfilename for s in (info.siblings or [])]
     return Checkpoint(repo_id, _HubFiles(repo_id, info.sha, files, download, revision), revision, info.sha, allow_pickle)

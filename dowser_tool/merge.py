@@ -9,7 +9,7 @@ raw bytes, never decoded.
 
 Repair strength: `restore` F protects the fraction F of each scored matrix with the
 highest scores, re-cut from the sidecar's statistics and BASE's weights (restoring
-the training mask, F = 0.9, undoes most of a fine-tune; METHOD.md "Post-hoc repair").
+the training mask, F = 0.9, undoes most of a fine-tune; docs/METHOD.md, "Post-hoc repair").
 """
 
 from __future__ import annotations

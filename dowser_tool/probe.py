@@ -8,7 +8,7 @@ For every probe batch b (one *update*), each scored linear layer records
   (`hutchinson`, the paper's E[g^2] = ||J||^2).
 The score of a matrix is |W| (.) sum_b B_b psi_b a_b^T / sum_b B_b (scoring.py).
 
-Schedule (ARCHITECTURE.md, batched over probe batches so each layer is read
+Schedule (docs/ARCHITECTURE.md, batched over probe batches so each layer is read
 twice per run, not twice per batch): capture layer-0 inputs of every batch;
 forward through the layers keeping each layer's input; head + M draws give the
 gradients at the top; then layer by layer in reverse, reload the layer,

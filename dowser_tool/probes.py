@@ -1,4 +1,4 @@
-"""Data-free probes (METHOD.md, "Data-free probes").
+"""Data-free probes (docs/METHOD.md, "The probes").
 
 Text: BOS, then 1 to 5 tokens drawn uniformly from the vocabulary (special
 tokens replaced by BOS), then the model continues by sampling (temperature 0.9,

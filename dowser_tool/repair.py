@@ -75,7 +75,7 @@ def importance(psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> torch.Ten
     """G = Psi^T diag(w) A / sum(w): the Dowser score without its |W| factor, float32 (out, in).
 
     psi (U, out) and a (U, in) are a sidecar's per-update statistics and w (U,) their
-    weights (docs/FORMAT.md); the score of a weight W is |W| (.) G (METHOD.md,
+    weights (docs/FORMAT.md); the score of a weight W is |W| (.) G (docs/METHOD.md,
     dowser_tool.scoring.score_matrix). G_ij estimates how strongly the probed outputs
     move per unit change of W_ij, so G (.) |delta| is the fine-tune's predicted effect.
     """

@@ -1,4 +1,4 @@
-"""Scores and masks from probe statistics (METHOD.md), one weight matrix at a time.
+"""Scores and masks from probe statistics (docs/METHOD.md), one weight matrix at a time.
 
 Symbols follow the paper: for a linear layer with weight W (out x in), each
 update u (one probe batch) holds a sensitivity vector psi_u (out) and an
@@ -53,10 +53,16 @@ def cut_mask(score: torch.Tensor, rho: float) -> torch.Tensor:
     # NaN compares false everywhere, so NaN entries stay protected without a cleaning pass.
     trainable = flat < t
     need = k - int(torch.count_nonzero(trainable))  # count_nonzero: ~10x faster than a Bool sum
-    if need > 0:
-        ties = torch.nonzero(flat == t).reshape(-1)[:need]
-        trainable[ties] = True
-    return (~trainable).reshape(score.shape)
+    for start in range(0, n, _BLOCK):  # ties, lowest indices first; in blocks: no matrix-sized temporary
+        if need <= 0:
+            break
+        ties = torch.nonzero(flat[start : start + _BLOCK] == t).reshape(-1)[:need]
+        trainable[start + ties] = True
+        need -= ties.numel()
+    return trainable.logical_not_().reshape(score.shape)
+
+
+_BLOCK = 1 << 20  # entries per block of the counting passes
 
 
 def kth_smallest(flat: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
@@ -78,8 +84,12 @@ def kth_smallest(flat: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Ten
     slack = 8 * (q * (1 - k / n)) ** 0.5 + 64  # ~8 standard deviations of a sample quantile's rank
     lo = picked[max(0, int(q - slack))]
     hi = picked[min(sample - 1, int(q + slack))]
-    below = int(torch.count_nonzero(flat < lo))
-    inside = flat[(flat >= lo) & (flat <= hi)]
+    below, parts = 0, []
+    for start in range(0, n, _BLOCK):  # in blocks: temporaries of one block, not of the matrix
+        block = flat[start : start + _BLOCK]
+        below += int(torch.count_nonzero(block < lo))
+        parts.append(block[(block >= lo) & (block <= hi)])
+    inside = torch.cat(parts)
     if below < k <= below + inside.numel():
         return torch.kthvalue(inside.cpu(), k - below).values.to(flat.device)
     return torch.kthvalue(flat.cpu(), k).values.to(flat.device)

@@ -48,11 +48,10 @@ _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Bool tensor -> U8 (ceil(numel/8),), row-major, MSB first, zero-padded."""
-    flat = mask.detach().reshape(-1).to("cpu", torch.uint8)
-    pad = -flat.numel() % 8
-    if pad:
-        flat = torch.cat([flat, flat.new_zeros(pad)])
-    return (flat.reshape(-1, 8) * _BIT_WEIGHTS).sum(dim=1, dtype=torch.uint8)
+    import numpy as np
+
+    flat = mask.detach().reshape(-1).to("cpu", torch.bool).contiguous()
+    return torch.from_numpy(np.packbits(flat.numpy()))  # big-endian bit order: MSB first
 
 
 def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
@@ -64,8 +63,21 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(tuple(shape))
 
 
+class _Packed:
+    """What a bit-packed mask offers, from its `bits` (U8) and `shape`."""
+
+    def unpack(self) -> torch.Tensor:
+        return unpack_bits(self.bits, self.shape)
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def protected(self) -> int:
+        return int(self.unpack().sum())
+
+
 @dataclass(frozen=True)
-class PackedMask:
+class PackedMask(_Packed):
     """A mask already bit-packed (1/8 byte per entry): what a probe keeps while it cuts many masks."""
 
     bits: torch.Tensor
@@ -75,17 +87,8 @@ class PackedMask:
     def of(cls, mask: torch.Tensor) -> "PackedMask":
         return cls(pack_bits(mask), tuple(mask.shape))
 
-    def unpack(self) -> torch.Tensor:
-        return unpack_bits(self.bits, self.shape)
 
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def protected(self) -> int:
-        return int(self.unpack().sum())
-
-
-class SpilledMask:
+class SpilledMask(_Packed):
     """A packed mask kept in a `MaskSpill` file instead of memory; reads its bits on demand."""
 
     def __init__(self, spill: "MaskSpill", offset: int, nbytes: int, shape: tuple[int, ...]):
@@ -94,15 +97,6 @@ class SpilledMask:
     @property
     def bits(self) -> torch.Tensor:
         return self._spill.read(self._offset, self._nbytes)
-
-    def unpack(self) -> torch.Tensor:
-        return unpack_bits(self.bits, self.shape)
-
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    def protected(self) -> int:
-        return int(self.unpack().sum())
 
 
 class MaskSpill:
@@ -472,7 +466,7 @@ def resolve_sidecar(ref: str | os.PathLike, revision: str | None = None) -> Path
         return path
     repo_id, filename = _hub_reference(text)
     where = text + (f"@{revision}" if revision else "")
-    from .checkpoint import _HubFiles, _short, hub_cache_dir, hub_endpoint, hub_offline
+    from .checkpoint import _HubFiles, hub_cache_dir, hub_model_info, hub_offline
 
     if hub_offline():
         from huggingface_hub import snapshot_download
@@ -488,18 +482,8 @@ def resolve_sidecar(ref: str | os.PathLike, revision: str | None = None) -> Path
         if name not in files:
             raise DowserError(f"{where}: HF_HUB_OFFLINE is set and {name} of {repo_id} is not in the HF cache")
         return folder / name
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
-    endpoint = hub_endpoint()
-    try:
-        info = HfApi(endpoint=endpoint).model_info(repo_id, revision=revision)
-    except RevisionNotFoundError:
-        raise DowserError(f"{where}: revision {revision!r} of {repo_id} does not exist") from None
-    except RepositoryNotFoundError:
-        raise DowserError(f"{where}: no such local file, and no repo {repo_id} on {endpoint} (or it is private)") from None
-    except Exception as e:
-        raise DowserError(f"{where}: cannot reach {endpoint} ({_short(e)}); set HF_HUB_OFFLINE=1 to use the HF cache") from None
+    info = hub_model_info(repo_id, revision, where, f"no such local file, and no repo {repo_id}",
+                          "; set HF_HUB_OFFLINE=1 to use the HF cache")
     files = sorted(s.rfilename for s in (info.siblings or []))
     at = f"{repo_id}@{info.sha[:12]}"
     name = filename or _single_sidecar(files, at, repo_id)

@@ -14,7 +14,7 @@ families), so every string encodes.  Special-token strings, image-processor opti
 real Hub processors of the family (named in each builder), scaled down.
 
 NVILA has no transformers class; ``nvila_folder`` and ``nvila_hf`` build the two Hub layouts described in
-``shared/docs/NVILA.md`` (sections 1.1, 1.3, 2.1), see ``_build_nvila_folder``.
+``docs/NVILA.md`` (sections 1.1, 1.3, 2.1), see ``_build_nvila_folder``.
 
 Usage::
 
@@ -779,9 +779,9 @@ def _build_mistral3(out: Path, seed: int = 0) -> Path:
 
 
 # --------------------------------------------------------------------------------------------------- NVILA
-# No transformers class exists for NVILA (shared/docs/NVILA.md §4).  Both Hub layouts are built from the same
+# No transformers class exists for NVILA (docs/NVILA.md).  Both Hub layouts are built from the same
 # parts, so for one seed the VILA folder and the flat -hf folder hold identical LLM / vision / projector tensors.
-# Facts are marked as in NVILA.md: [V] verified there (file + commit or Hub page), [I] inferred there.
+# Facts follow docs/NVILA.md ([V] seen in the public source named there, [I] inferred from it).
 
 NVILA_IMAGE = 32        # SigLIP input side (NVILA: 448); patch 4 -> 8x8 patches, like 448/14 = 32x32
 NVILA_PATCH = 4
@@ -870,7 +870,7 @@ def _build_nvila_folder(out: Path, seed: int = 0) -> Path:
                      "is_hyper_param_search": False, "is_local_process_zero": True, "is_world_process_zero": True,
                      "log_history": [], "logging_steps": 1, "max_steps": 1, "num_train_epochs": 1,
                      "save_steps": 1, "total_flos": 0.0, "train_batch_size": 1, "trial_name": None,
-                     "trial_params": None}  # a Hugging Face Trainer state [I: content not in NVILA.md]
+                     "trial_params": None}  # a Hugging Face Trainer state [I: content not documented]
     (out / "trainer_state.json").write_text(json.dumps(trainer_state, indent=2) + "\n")
     return out
 

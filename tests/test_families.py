@@ -228,7 +228,7 @@ def test_vlm_family(name, built, tmp_path):
 
 
 def _nvila_projector_shapes(h: int) -> dict:
-    mm = NVILA_MM  # NVILA.md §2.1, mlp_downsample_3x3_fix
+    mm = NVILA_MM  # docs/NVILA.md, "Projector", mlp_downsample_3x3_fix
     return {"layers.1.weight": (9 * mm,), "layers.1.bias": (9 * mm,), "layers.2.weight": (3 * mm, 9 * mm),
             "layers.2.bias": (3 * mm,), "layers.4.weight": (3 * mm,), "layers.4.bias": (3 * mm,),
             "layers.5.weight": (h, 3 * mm), "layers.5.bias": (h,), "layers.7.weight": (h, h), "layers.7.bias": (h,)}

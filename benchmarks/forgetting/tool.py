@@ -58,7 +58,7 @@ def repair(base: Path, ft: Path, sidecar: Path, restore: float | None, out: Path
 def repair_delta_weighted(base: Path, ft: Path, sidecar: Path, restore: float, out: Path) -> Path:
     """Experiment: rank by Dowser score x |FT - BASE| (still data-free) and restore the top `restore`.
 
-    The score is METHOD.md's |W| (.) Psi^T diag(w) A / sum(w), from the sidecar's statistics.
+    The score is docs/METHOD.md's |W| (.) Psi^T diag(w) A / sum(w), from the sidecar's statistics.
     """
     from dowser_tool import Sidecar
 

@@ -18,17 +18,20 @@ def _split(value):
 @click.option("--include", default="", help="Also score: lm_head, projector, vision, router (comma-separated).")
 @click.option("--probes", type=int, default=64, show_default=True, help="Number of probe sequences.")
 @click.option("--probe-len", type=int, default=64, show_default=True, help="Tokens per probe sequence.")
-@click.option("--batch-size", type=int, default=4, show_default=True)
+@click.option("--batch-size", type=int, default=4, show_default=True,
+              help="Probe sequences per batch: one update of the statistics.")
 @click.option("--draws", type=int, default=8, show_default=True, help="Rademacher draws per batch (M).")
 @click.option("--images/--no-images", default=False, show_default=True, help="Add Gaussian-noise image probes.")
-@click.option("--estimator", type=click.Choice(["reference", "hutchinson"]), default="reference", show_default=True)
+@click.option("--estimator", type=click.Choice(["reference", "hutchinson"]), default="reference", show_default=True,
+              help="Sensitivity estimator: mean |gradient| as the released scripts, or the paper's root mean square.")
 @click.option("--method", type=click.Choice(["dowser", "magnitude", "wanda", "random"]), default="dowser",
-              show_default=True)
+              show_default=True, help="Score: Dowser, or a baseline (|W|, Wanda's |W| x input norm, random).")
 @click.option("--probe-file", type=click.Path(dir_okay=False), help="Token ids to use (JSONL lists or safetensors).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
               show_default=True, help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seeds the probe prefixes, the sampling, the Rademacher draws and the noise images.")
 @click.option("--save-stats/--no-save-stats", default=True, show_default=True,
               help="Keep score statistics so masks can be re-cut at any ratio.")
 @click.option("--resident", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,

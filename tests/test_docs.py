@@ -1,0 +1,43 @@
+"""The docs ship with the project, say what the commands say, and link only to what exists."""
+
+import re
+import subprocess
+from pathlib import Path
+
+from dowser_tool.cli.docs import _main as sync_option_tables
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_option_tables_are_generated_from_the_commands():
+    assert sync_option_tables(["--check"]) == 0  # run `python -m dowser_tool.cli.docs` to refresh them
+
+
+def test_links_point_inside_the_project_and_exist():
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", page.read_text()):
+            if re.match(r"[a-z]+://", target):
+                continue
+            assert (page.parent / target).exists(), f"{page.name} links to missing {target}"
+
+
+OUTSIDE, OUTSIDE_DOCS = "../" + "shared", "shared/" + "docs"  # split so this file does not match itself
+
+
+def test_no_file_refers_outside_the_project():
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
+    for name in tracked:
+        path = ROOT / name
+        if path.suffix in (".safetensors", ".png", ".json") or not path.is_file():
+            continue
+        text = path.read_text(errors="ignore")
+        assert OUTSIDE not in text and OUTSIDE_DOCS not in text, name
+
+
+def test_readme_is_short_and_its_test_command_is_what_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    assert len(readme.splitlines()) < 150
+    ci = (ROOT / ".ci" / "run").read_text()
+    test_command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
+    assert test_command.strip() in readme

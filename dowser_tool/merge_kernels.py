@@ -7,10 +7,11 @@ The reference path (merge.py `_value` at a re-cut strength) is
 with about ten passes over matrix-sized float32 temporaries. `repair_recut` gives the same
 bits with one matrix product and one pass over row blocks small enough to stay in the cache:
 
-1. A seeded sample of scores brackets the k-th smallest score (k = round(rho * numel), the
-   trainable count) between two values lo <= hi, as `scoring.kth_smallest` does.
-2. The matrix product Psi^T diag(w) A / sum(w) in one call, as `scoring.score_matrix` makes
-   it; then for each block of rows, its product with |W| in place (the same float32 scores):
+1. The matrix product Psi^T diag(w) A / sum(w) in one call, as `scoring.score_matrix` makes
+   it; a seeded sample of its entries times |W| brackets the k-th smallest score
+   (k = round(rho * numel), the trainable count) between two values lo <= hi, as
+   `scoring.kth_smallest` does.
+2. For each block of rows of that product, its product with |W| in place (the same float32 scores):
    entries below lo are trainable (keep FT), entries above hi or NaN are protected (take BASE),
    and the few inside [lo, hi] are remembered with their position and FT value.
 3. The exact threshold t is the (k - below)-th smallest remembered score; entries inside the
@@ -128,13 +129,17 @@ def _product_buffer(rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
-def _score_blocks(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor):
-    """(r0, r1, rows r0:r1 of score_matrix) in cache-sized blocks. The matrix product is one call
-    over the whole matrix, exactly as `scoring.score_matrix` makes it (MKL does not give a row
-    block of the product the bits of the full product for every shape); the product with |W|,
-    elementwise, is done block by block in place."""
+def _product(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Psi^T diag(w) A / sum(w), (out, in) float32, in this thread's reused buffer: one call over the
+    whole matrix, exactly as `scoring.score_matrix` makes it (MKL does not give a row block of the
+    product the bits of the full product for every shape)."""
+    return torch.mm(psiw_t, a, out=_product_buffer(*weight.shape))
+
+
+def _score_blocks(weight: torch.Tensor, product: torch.Tensor):
+    """(r0, r1, rows r0:r1 of score_matrix) in cache-sized blocks: the product with |W|, elementwise,
+    block by block in place in `product`."""
     rows, cols = weight.shape
-    product = torch.mm(psiw_t, a, out=_product_buffer(rows, cols))
     step = max(1, BLOCK_ENTRIES // cols)
     for r0 in range(0, rows, step):
         r1 = min(r0 + step, rows)
@@ -151,17 +156,17 @@ def score_blocks_aligned(weight, psi, a, w) -> bool:
     """Whether the block scores equal `scoring.score_matrix` bit for bit (checked by the tests)."""
     full = score_matrix(weight, psi, a, w)
     return all(torch.equal(block.view(torch.int32), full[r0:r1].view(torch.int32))
-               for r0, r1, block in _score_blocks(weight, *_weighted(psi, a, w)))
+               for r0, r1, block in _score_blocks(weight, _product(weight, *_weighted(psi, a, w))))
 
 
-def _bracket(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor, k: int) -> tuple[float, float]:
-    """Two scores that very likely enclose the k-th smallest, from a seeded sample (the same
-    slack as scoring.kth_smallest; whether they do is checked exactly afterwards)."""
-    n, cols = weight.numel(), weight.shape[1]
+def _bracket(weight: torch.Tensor, product: torch.Tensor, k: int) -> tuple[float, float]:
+    """Two scores that very likely enclose the k-th smallest, from a seeded sample of the scores
+    (product x |W| at sampled entries; the same slack as scoring.kth_smallest; whether they do is
+    checked exactly afterwards)."""
+    n = weight.numel()
     gen = torch.Generator().manual_seed(n * 31 + k)
     idx = torch.randint(0, n, (SAMPLE,), generator=gen)
-    rows, cols_ = idx // cols, idx % cols
-    sampled = (psiw_t[rows] * a[:, cols_].T).sum(1) * weight.reshape(-1)[idx].abs().float()
+    sampled = product.view(-1)[idx] * weight.reshape(-1)[idx].abs()
     q = k / n * SAMPLE
     slack = 8 * (q * (1 - k / n)) ** 0.5 + 64
     at = [max(0, int(q - slack)), min(SAMPLE - 1, int(q + slack))]
@@ -186,8 +191,8 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     k = trainable_count(n, update_ratio)
     if n <= 4 * SAMPLE or k <= 0 or k >= n:
         return reference_repair(base, ft, psi, a, w, update_ratio)
-    psiw_t, a = _weighted(psi, a, w)
-    lo, hi = _bracket(base, psiw_t, a, k)
+    product = _product(base, *_weighted(psi, a, w))
+    lo, hi = _bracket(base, product, k)
     if lo != lo or hi != hi:  # NaN in the sample: leave NaN ordering to the reference path
         return reference_repair(base, ft, psi, a, w, update_ratio)
     as_int = NUMPY_INT[base.element_size()]
@@ -199,7 +204,7 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     scratch = _block_scratch(min(n, max(cols, BLOCK_ENTRIES)), as_int)
     below = 0
     positions, scores, ft_values = [], [], []
-    for r0, r1, score in _score_blocks(base, psiw_t, a):
+    for r0, r1, score in _score_blocks(base, product):
         m = (r1 - r0) * cols
         score_np, start = score.view(-1).numpy(), r0 * cols
         base_blk, out_blk = base_np[start : start + m], out_np[start : start + m]

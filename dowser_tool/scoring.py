@@ -27,7 +27,11 @@ def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.T
     a = a.to(psi.device)
     # (out, in) or (in, out): the weighted mean outer product in W's layout
     score = a.T @ weighted if transposed else weighted.T @ a
-    return score.mul_(W.detach().to(psi.device).abs())  # in place: one matrix-sized buffer, not four
+    W = W.detach().to(psi.device)
+    step = max(1, _BLOCK // max(score.shape[-1], 1))
+    for r0 in range(0, score.shape[0], step):  # in place, |W| by row blocks: one matrix-sized buffer
+        score[r0 : r0 + step].mul_(W[r0 : r0 + step].abs())
+    return score
 
 
 def trainable_count(numel: int, rho: float) -> int:

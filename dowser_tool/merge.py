@@ -38,7 +38,7 @@ from .lora_merge import LoraAdapter, is_adapter
 from .anatomy import KeyRules, NameMap
 from .outputs import atomic_dir, check_destination
 from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
-from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar
+from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar, weight_fingerprint
 from .repair import interpolate as blend
 from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
 from .streaming import trim_heap
@@ -208,6 +208,9 @@ class Merge:
         if self.components and shard_size is not None:
             raise DowserError(f"{self.src.where}: --shard-size does not apply to a checkpoint stored as sub-model "
                               f"folders ({', '.join(self.components)}); its shards are kept as they are")
+        # Sidecars that fingerprint each probed weight (tensor_info "fingerprint"): BASE is checked as it is read.
+        self._fingerprinted = self.sidecar is not None and any(self.sidecar.fingerprint(n) for n in self.sidecar.shapes)
+        self._warned_fingerprint = False
         self._check_provenance()
         # Tensors read, computed and written: a few in flight (WORKERS computing, LOOKAHEAD waiting, one written).
         self._buffers = BufferPool(keep=2 * WORKERS + LOOKAHEAD + 1)
@@ -226,9 +229,25 @@ class Merge:
             if not self.force:
                 raise DowserError(msg + " (pass --force to merge anyway)")
             warn(msg + "; merging anyway (--force)")
-        elif mask_sha and not base_sha:
+        elif mask_sha and not base_sha and not self._fingerprinted:
             warn(f"cannot check that BASE {self.base.where} is the commit the mask was probed on "
-                 f"({recorded.get('id')}@{mask_sha[:12]}): BASE is a local folder")
+                 f"({recorded.get('id')}@{mask_sha[:12]}): BASE is a local folder and the mask has no "
+                 f"weight fingerprints")
+
+    def _check_fingerprint(self, item: Item, base: torch.Tensor) -> None:
+        """Refuse (warn with --force) a BASE weight that is not the one the mask was probed on."""
+        expected = self.sidecar.fingerprint(item.mask_names[0]) if len(item.mask_names) == 1 else None
+        if expected is None or tuple(base.shape) != self.sidecar.shapes[item.mask_names[0]]:
+            return
+        if weight_fingerprint(base) == expected:
+            return
+        msg = (f"{self.sidecar.path}: {item.base_name!r} in BASE {self.base.where} is not the weight the mask was "
+               f"probed on (its fingerprint differs): was the mask made from another model?")
+        if not self.force:
+            raise DowserError(msg + " (pass --force to merge anyway)")
+        if not self._warned_fingerprint:
+            self._warned_fingerprint = True
+            warn(msg + "; merging anyway (--force)")
 
     def _refuse(self, msg: str) -> None:
         """A mismatch between mask and tensors: fatal unless --force, then the tensor keeps FT's value."""
@@ -440,6 +459,7 @@ class Merge:
         # For an adapter the source is BASE itself: reuse the weight just read.
         own_base = not (self.adapter and item.base_name == item.name)
         base = read_tensor(self.base, item.base_name, self._buffers) if own_base else ft_source
+        self._check_fingerprint(item, base)
         kernel = not (self._recut(restore) and (self.sidecar.transposed(item.mask_names[0])  # (out, in) only
                                                 or self.sidecar.has_scores))  # the kernel scores from psi/a
         if kernel and len(item.mask_names) == 1 and base.dtype == ft.dtype and base.shape == ft.shape and base.dim() == 2:

@@ -30,9 +30,10 @@ from tqdm.auto import tqdm
 from .anatomy import Weight
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import DowserError
-from .probes import Sampling, generate_text_probes, image_probe, load_probe_file
+from .probes import Sampling, generate_text_probes, image_probe, image_processor, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, write_sidecar
+from .sidecar import (OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, weight_fingerprint,
+                      write_sidecar)
 from .statistics import StatsRecorder
 from .streaming import BlockRunner, trim_heap
 
@@ -295,6 +296,7 @@ class ProbeRun:
         self.sizes = {w.key: _out_in(w, self.anatomy.shapes[w.key]) for w in self.weights}
         self.tokens: torch.Tensor | None = None
         self.cut_early: dict = {}  # masks cut in the last pass, by checkpoint key
+        self.fingerprints: dict[str, str] = {}  # weight_fingerprint of each scored tensor, by checkpoint key
         self.mask_spill = MaskSpill(spill_dir)  # packed masks on disk until the sidecar is written
         self.update_weights: list[float] = []
         self.timings: dict[str, float] = {}
@@ -363,6 +365,7 @@ class ProbeRun:
         s = self.s
         rec = self._recorder()
         done = 0
+        processor = image_processor(self.ckpt) if s.images else None  # before generating: fail fast
         if state is not None and state.exists():
             self.tokens, rec.psi, rec.a, done = state.load()
         else:
@@ -370,7 +373,7 @@ class ProbeRun:
             if state is not None:
                 state.save(self.tokens, rec.psi, rec.a, 0)
         if s.images:
-            self.images = image_probe(self.ckpt, self.tokens.shape[0], s.seed)
+            self.images = image_probe(self.ckpt, self.tokens.shape[0], s.seed, processor)
         self._trace_calls()
         batches = self.batches()
         self.update_weights = [float(r.stop - r.start) for _, r in batches]
@@ -598,7 +601,9 @@ class ProbeRun:
                 self.cut_early[x.key] = self._cut(x, W, psi, a, torch.tensor(self.update_weights))
 
     def _cut(self, x: Weight, W: torch.Tensor, psi, a, w):
-        """x's mask, cut from its weight and statistics, bit-packed into the spill file."""
+        """x's mask, cut from its weight (as stored) and statistics, bit-packed into the spill file."""
+        if x.expert is None:  # a whole stored tensor: merge checks BASE against it
+            self.fingerprints[x.key] = weight_fingerprint(W)
         score = score_matrix(W, psi, a, w, transposed=x.transposed)
         mask = self.mask_spill.add(PackedMask.of(cut_mask(score, self.s.update_ratio)))
         del score
@@ -719,7 +724,7 @@ class ProbeRun:
             "granularity": "entry",
             "layers": self.layers,
             "include": sorted(s.include),
-            "tensor_info": {x.key: _tensor_info(x) for x in self.weights},
+            "tensor_info": {x.key: _tensor_info(x, self.fingerprints.get(x.key)) for x in self.weights},
             "unscored": dict(sorted(self.unscored.items())),
             "probe": {
                 "count": None if self.tokens is None else int(self.tokens.shape[0]),
@@ -743,11 +748,13 @@ def _holds_exactly(compute: torch.dtype, stored: torch.dtype) -> bool:
     return stored in wider.get(compute, ())
 
 
-def _tensor_info(w: Weight) -> dict:
+def _tensor_info(w: Weight, fingerprint: str | None) -> dict:
     """What the sidecar records about one scored tensor (docs/FORMAT.md, `tensor_info`)."""
     info = {"part": w.part, "kind": w.kind, "layer": w.layer, "layout": "in_out" if w.transposed else "out_in"}
     if w.expert is not None:
         info["expert"] = w.expert
+    if fingerprint is not None:
+        info["fingerprint"] = fingerprint
     return info
 
 
@@ -798,7 +805,12 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
         state = ResumeState(state_path, {"settings": settings.fingerprint(), "model": identity}) if world == 1 else None
         if state is not None and not resume:
             state.remove()
-        data = run.run(state)
+        try:
+            data = run.run(state)
+        except DowserError:
+            if state is not None and not resume:
+                state.remove()  # bad input, not an interruption: nothing to resume, no partial output
+            raise
         if rank == 0:
             write_sidecar(dest, data)
         if state is not None:

@@ -63,6 +63,21 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
     return bits.reshape(tuple(shape))
 
 
+FINGERPRINT_SAMPLE = 1 << 16  # bytes of a weight's strided sample that its fingerprint hashes
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 (hex) of a strided sample of a weight's stored bytes: every ceil(nbytes / 65536)-th
+    byte of the contiguous tensor, in the dtype it is stored in. Recorded by the probe per scored
+    tensor (`tensor_info` "fingerprint") so that merge can tell a BASE that is not the model the
+    mask was probed on, whatever its name or path (docs/FORMAT.md)."""
+    import hashlib
+
+    raw = weight.detach().contiguous().reshape(-1).view(torch.uint8)
+    step = max(1, -(-raw.numel() // FINGERPRINT_SAMPLE))
+    return hashlib.sha256(raw[::step].contiguous().numpy().tobytes()).hexdigest()
+
+
 class _Packed:
     """What a bit-packed mask offers, from its `bits` (U8) and `shape`."""
 
@@ -324,6 +339,10 @@ class Sidecar:
 
     def probe_tokens(self) -> torch.Tensor | None:
         return self._get("probe/token_ids") if "probe/token_ids" in self._keys else None
+
+    def fingerprint(self, name: str) -> str | None:
+        """`weight_fingerprint` of the base weight `name` was probed on (None in older sidecars)."""
+        return ((self.metadata.get("tensor_info") or {}).get(name) or {}).get("fingerprint")
 
     def transposed(self, name: str) -> bool:
         """Whether `name` is stored (in, out), as transformers' Conv1D (GPT-2) stores its weights

@@ -355,3 +355,28 @@ def test_result_does_not_depend_on_tensor_order_in_the_file(tmp_path):
     merge_checkpoint(base, backwards, mask, tmp_path / "b", progress=False)
     a, b = state_dict(tmp_path / "a"), state_dict(tmp_path / "b")
     assert set(a) == set(b) and all(same_bits(a[n], b[n]) for n in a)
+
+
+def test_mask_from_another_model_of_the_same_shapes_is_refused(tmp_path):
+    """Two models of one architecture, different weights: the probe fingerprints each weight it
+    scored, and merge refuses a BASE whose weights are not those (whatever its path), or warns
+    and merges with --force."""
+    from dowser_tool.sidecar import weight_fingerprint
+
+    probed = make_llama(tmp_path / "probed", seed=0)
+    other = make_llama(tmp_path / "other", seed=1)
+    sidecar = tmp_path / "m.dowser.safetensors"
+    probe(str(probed), str(sidecar), settings=ProbeSettings(probes=4, probe_len=6, draws=2), progress=False)
+    side = Sidecar(sidecar)
+    stored = state_dict(probed)
+    for name in side.shapes:
+        assert side.fingerprint(name) == weight_fingerprint(stored[name])
+
+    args = ["--base", other, "--finetuned", other, "--mask", sidecar, "-q"]
+    code, output = run_cli(*args, "--out", tmp_path / "out")
+    assert code == 1 and "is not the weight the mask was probed on" in output, output
+    assert len(output.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+    code, output = run_cli(*args, "--out", tmp_path / "forced", "--force")
+    assert code == 0 and output.count("merging anyway (--force)") == 1, output
+    code, output = run_cli("--base", probed, "--finetuned", other, "--mask", sidecar, "-q", "--out", tmp_path / "ok")
+    assert code == 0 and "fingerprint" not in output, output

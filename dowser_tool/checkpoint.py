@@ -497,6 +497,7 @@ def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, download: 
                 f"{' at ' + revision if revision else ''} is not in the HF cache"
             ) from None
         return Checkpoint(repo_id, _LocalFiles(folder), revision, folder.name, allow_pickle)
-    info = hub_model_info(repo_id, revision, repo_id, "no such local folder, and no such repo")
+    info = hub_model_info(repo_id, revision, repo_id, "no such local folder, and no such repo",
+                          hint=f"; and there is no local folder {repo_id!r}")
     files = [s.rfilename for s in (info.siblings or [])]
     return Checkpoint(repo_id, _HubFiles(repo_id, info.sha, files, download, revision), revision, info.sha, allow_pickle)

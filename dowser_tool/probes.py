@@ -32,6 +32,12 @@ class Sampling:
     prefix_max: int = 5
 
 
+def _first_sentence(e: Exception) -> str:
+    """An exception's first sentence, for a one-line error."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return line.split(". ")[0].rstrip(".")
+
+
 def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]]:
     """(BOS id, special ids) from the config and tokenizer files, without building a tokenizer.
 
@@ -125,6 +131,10 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     text_cfg = runner.anatomy.text_config.to_dict()
     vocab = int(text_cfg["vocab_size"])
     bos, special = special_token_ids(runner.ckpt, text_cfg, config)
+    if not 0 <= bos < vocab:
+        raise DowserError(f"{runner.ckpt.where}: the probes' first token (BOS, id {bos} from config.json or the "
+                          f"tokenizer files) is outside the vocabulary (vocab_size {vocab}); fix bos_token_id or "
+                          f"pass --probe-file")
     gen = torch.Generator().manual_seed(seed)
     prefixes = random_prefixes(count, vocab, bos, special, sampling, gen)
     tokens = torch.full((count, length), bos, dtype=torch.long)
@@ -228,7 +238,7 @@ class ImageProbe:
                                  return_tensors="pt")
         except Exception as e:
             raise DowserError(f"{self.where}: the model's processor could not process a noise image "
-                              f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+                              f"({type(e).__name__}: {_first_sentence(e)})") from None
         return dict(out)
 
     def inputs(self, rows: slice, ids: torch.Tensor) -> dict:
@@ -284,7 +294,7 @@ def load_processor(folder: str, where: str):
                               f"installed ({missing})") from None
     except Exception as e:
         raise DowserError(f"{where}: --images needs the model's processor, which AutoProcessor cannot load "
-                          f"({type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]})") from None
+                          f"({type(e).__name__}: {_first_sentence(e)})") from None
     attributes = [a for a in cls.get_attributes() if a != "video_processor"]
     image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: list(attributes))})
     parts = {"image_processor": AutoImageProcessor.from_pretrained(folder, trust_remote_code=False),
@@ -330,8 +340,9 @@ def _processor_folder(ckpt):
     return paths[0].parent if paths else ckpt.file_path("config.json").parent
 
 
-def image_probe(ckpt, count: int, seed: int) -> ImageProbe:
-    """Noise-image probes for `count` rows through the checkpoint's AutoProcessor.
+def image_processor(ckpt) -> tuple:
+    """(processor, prompt, side) for noise-image probes: the checkpoint's AutoProcessor, a prompt
+    with its image placeholder, and the image side in pixels.
 
     Raises DowserError when the checkpoint ships no processor that handles images.
     """
@@ -343,4 +354,14 @@ def image_probe(ckpt, count: int, seed: int) -> ImageProbe:
     vision = (ckpt.config or {}).get("vision_config") or {}
     size = vision.get("image_size") or 224
     side = int(max(size) if isinstance(size, (list, tuple)) else size)  # InternVL gives [height, width]
+    return processor, prompt, side
+
+
+def image_probe(ckpt, count: int, seed: int, processor: tuple | None = None) -> ImageProbe:
+    """Noise-image probes for `count` rows through the checkpoint's AutoProcessor (`processor`:
+    what `image_processor(ckpt)` returned, if already loaded).
+
+    Raises DowserError when the checkpoint ships no processor that handles images.
+    """
+    processor, prompt, side = processor or image_processor(ckpt)
     return ImageProbe(processor, prompt, count, seed, side, ckpt.where)

@@ -171,3 +171,33 @@ def test_checkpoint_code_is_never_executed(model, out, tmp_path):
     r = run(["probe", model, "--out", out, "--probes", "2", "--probe-len", "4", "-q"])
     assert not marker.exists()
     assert r.exit_code == 0, r.output  # built from transformers' own Llama class; evil.py never imported
+
+
+def test_bos_outside_the_vocabulary(model, out):
+    config = json.loads((model / "config.json").read_text())
+    config["bos_token_id"] = config["vocab_size"] + 1000
+    (model / "config.json").write_text(json.dumps(config))
+    assert_clean_failure(run(["probe", model, "--probes", "2", "--probe-len", "4", "--draws", "1", "--out", out, "-q"]),
+                         out, "BOS, id", "outside the vocabulary", "--probe-file")
+
+
+def test_failed_image_probe_leaves_no_resume_state(tmp_path, out):
+    """A VLM folder without processor files: --images fails in one line and leaves nothing behind,
+    so the next run (without --images) is not told an interrupted run is waiting."""
+    from .models import make_llava
+
+    vlm = make_llava(tmp_path / "vlm")
+    args = ["probe", vlm, "--probes", "2", "--probe-len", "4", "--draws", "1", "--out", out, "-q"]
+    r = run([*args, "--images"])
+    assert_clean_failure(r, out, "--images needs the model's processor")
+    assert r.output.rstrip().endswith(")") and "'" + "qw)" not in r.output
+    assert not out.with_name(out.name + ".resume").exists()
+    r = run(args)
+    assert r.exit_code == 0, r.output
+
+
+def test_unreachable_hub_says_there_is_no_local_folder_either(tmp_path, out, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    assert_clean_failure(run(["probe", "nope", "--out", out]), out, "cannot reach", "no local folder 'nope'")

@@ -41,3 +41,13 @@ def test_readme_is_short_and_its_test_command_is_what_ci_runs():
     ci = (ROOT / ".ci" / "run").read_text()
     test_command = next(line for line in ci.splitlines() if "pytest" in line and "pip install" in line)
     assert test_command.strip() in readme
+
+
+def test_docs_cite_only_tests_that_exist():
+    tests = "".join(p.read_text() for p in (ROOT / "tests").glob("*.py"))
+    defined = set(re.findall(r"def (test_\w+)", tests))
+    files = {p.name for p in (ROOT / "tests").glob("*.py")}
+    for page in PAGES:
+        for quoted in re.findall(r"`([^`]*test_\w+[^`]*)`", page.read_text()):
+            for name in re.findall(r"(test_\w+(?:\.py)?)", quoted):
+                assert (name in files) if name.endswith(".py") else (name in defined), f"{page.name} cites {name}"

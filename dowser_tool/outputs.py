@@ -57,11 +57,19 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
+def _umask() -> int:
+    """The process's file-mode creation mask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_file(dest: str | os.PathLike):
     """Yield a temporary path beside `dest`; rename it to `dest` when the block succeeds."""
     dest = Path(dest)
     fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+    os.fchmod(fd, 0o666 & ~_umask())  # as open() would create it (mkstemp makes it private)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -79,6 +87,7 @@ def atomic_dir(dest: str | os.PathLike):
     """Yield a temporary folder beside `dest`; it replaces `dest` when the block succeeds."""
     dest = Path(dest)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # as mkdir would create it (mkdtemp makes it private)
     try:
         with _terminate_as_interrupt():
             yield tmp

@@ -35,6 +35,7 @@ import os
 import shutil
 import tempfile
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -191,6 +192,9 @@ class LayerCache:
                               f"{free / 1e9:.1f} GB free (pass --cache-dir on a larger disk, or --download)")
         self.ckpt = ckpt
         self.dir = tempfile.mkdtemp(prefix=".dowser-layers-", dir=parent)
+        # Removed at close(), or when this object is collected or the interpreter exits (a caller
+        # that never reached close(): an exception in library code that holds a runner).
+        self._remove = weakref.finalize(self, shutil.rmtree, self.dir, ignore_errors=True)
         self._file_of: dict[str, str] = {}
         self.bytes_cached = 0
 
@@ -219,7 +223,7 @@ class LayerCache:
         return {k: out[k] for k in keys}
 
     def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
+        self._remove()
 
 
 class BlockRunner:

@@ -83,3 +83,40 @@ def test_masks_cut_in_the_last_pass_equal_masks_cut_from_the_checkpoint(llama4, 
     for key, packed in data.masks.items():
         want = cut_mask(score_matrix(ckpt.read(key), data.psi[key], data.a[key], data.update_weights), 0.1)
         assert torch.equal(packed.unpack(), want), key
+
+
+def test_outputs_follow_the_umask(tmp_path, llama4):
+    """Sidecars and merged folders get the permissions any new file or folder gets (not private)."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        sidecar = tmp_path / "m.dowser.safetensors"
+        probe([llama4, "--probes", "2", "--probe-len", "4", "--draws", "1", "--out", sidecar])
+        r = CliRunner().invoke(main, ["merge", "--base", str(llama4), "--finetuned", str(llama4), "--mask",
+                                      str(sidecar), "--out", str(tmp_path / "merged"), "-q"])
+        assert r.exit_code == 0, r.output
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(sidecar.stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "merged").stat().st_mode) == 0o755
+    assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in (tmp_path / "merged").iterdir())
+
+
+def test_layer_cache_is_removed_even_without_close(hub, tmp_path, llama4):
+    """A runner dropped without close() (an exception in code that holds it) leaves no cache behind."""
+    import gc
+
+    import torch
+
+    from dowser_tool import open_checkpoint
+    from dowser_tool.streaming import BlockRunner
+
+    hub.add_repo("org/m", llama4)
+    runner = BlockRunner(open_checkpoint("org/m"), torch.device("cpu"), torch.float32, residency="stream",
+                         cache_dir=str(tmp_path))
+    runner.fetch_layer(0)
+    assert len(list(tmp_path.glob(".dowser-layers-*"))) == 1
+    del runner
+    gc.collect()
+    assert not list(tmp_path.glob(".dowser-layers-*"))

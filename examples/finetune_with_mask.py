@@ -28,13 +28,28 @@ TASK = [
 
 def parse_args(description: str, default_lr: float = 1e-3) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--model", default=str(HERE / "tiny-llava"), help="model folder (default: examples/tiny-llava)")
+    parser.add_argument("--model", help="model folder (default: the model --mask was probed on, if it is a local "
+                                        "folder, else examples/tiny-llava)")
     parser.add_argument("--mask", help="sidecar from `dowser probe`; probed here if omitted")
     parser.add_argument("--update-ratio", type=float, help="re-cut the mask at this ratio from its statistics")
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (use 3 for a smoke run)")
     parser.add_argument("--lr", type=float, default=default_lr)
     parser.add_argument("--out", help="save the fine-tuned model here")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.model is None:
+        args.model = probed_model(args.mask) or str(HERE / "tiny-llava")
+        print(f"model: {args.model}")
+    return args
+
+
+def probed_model(mask: str | None) -> str | None:
+    """The local folder a sidecar was probed on, as its metadata records it (None if not local)."""
+    if mask is None:
+        return None
+    from dowser_tool import Sidecar
+
+    recorded = (Sidecar(mask).metadata.get("base_model") or {}).get("id")
+    return recorded if recorded and Path(recorded).is_dir() else None
 
 
 def scratch_dir(prefix: str) -> str:

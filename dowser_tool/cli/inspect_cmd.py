@@ -20,3 +20,4 @@ def inspect(sidecar, revision, as_json, plot_png):
     click.echo(format_json(summary) if as_json else format_text(summary))
     if plot_png:
         plot(summary, plot_png)
+        click.echo(f"wrote {plot_png}", err=as_json)  # with --json, stdout stays JSON

@@ -20,18 +20,31 @@ def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.T
     """S = |W| (.) (Psi^T diag(w) A) / sum(w), in float32. psi: (U, out), a: (U, in), w: (U,).
 
     W is (out, in), or (in, out) with `transposed` (transformers' Conv1D layout, as GPT-2
-    stores it); the score has W's own shape either way.
+    stores it); the score has W's own shape either way. The product is made block by block of
+    `product_rows` rows, each block multiplied by |W| at once: one matrix-sized buffer, and the
+    very blocks (so the very bits) of the merge's fused kernel (merge_kernels.repair_recut).
     """
     psi, a, w = psi.float(), a.float(), w.float().to(psi.device)
     weighted = psi * (w / w.sum())[:, None]
     a = a.to(psi.device)
     # (out, in) or (in, out): the weighted mean outer product in W's layout
-    score = a.T @ weighted if transposed else weighted.T @ a
+    left, right = (a.T, weighted) if transposed else (weighted.T, a)
+    score = torch.empty(left.shape[0], right.shape[1], device=psi.device)
     W = W.detach().to(psi.device)
-    step = max(1, _BLOCK // max(score.shape[-1], 1))
-    for r0 in range(0, score.shape[0], step):  # in place, |W| by row blocks: one matrix-sized buffer
-        score[r0 : r0 + step].mul_(W[r0 : r0 + step].abs())
+    step = product_rows(score.shape[1])
+    for r0 in range(0, score.shape[0], step):
+        block = score[r0 : r0 + step]
+        torch.mm(left[r0 : r0 + step], right, out=block)
+        block.mul_(W[r0 : r0 + step].abs())
     return score
+
+
+PRODUCT_BLOCK = 1 << 18  # entries per row block of the score product: 1 MiB of float32, cache-resident
+
+
+def product_rows(cols: int) -> int:
+    """Rows per block of the score product (`score_matrix`) for a matrix of `cols` columns."""
+    return max(1, PRODUCT_BLOCK // max(cols, 1))
 
 
 def trainable_count(numel: int, rho: float) -> int:

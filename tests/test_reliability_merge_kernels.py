@@ -66,10 +66,9 @@ def test_fast_path_equals_reference_bit_for_bit(case):
 
 @pytest.mark.parametrize("shape,updates", [((4096, 11008), 16), ((1031, 2999), 16), ((5632, 2048), 4),
                                            ((333, 4097), 32)])
-def test_score_row_blocks_equal_the_full_product(shape, updates):
-    """The fast path multiplies by |W| block by block; each block must hold score_matrix's bits
-    (MKL gives a row block of the matrix product other bits than the full product for some shapes,
-    so the product itself is made whole, as score_matrix makes it)."""
+def test_score_row_blocks_equal_score_matrix(shape, updates):
+    """The fast path makes the product and |W| block by block in a reused buffer; each block must
+    hold score_matrix's bits (score_matrix makes the same row blocks, into slices of its result)."""
     base, _, psi, a, w = inputs(*shape, updates, torch.bfloat16, seed=3)
     assert score_blocks_aligned(base, psi, a, w)
 

@@ -201,3 +201,22 @@ def test_unreachable_hub_says_there_is_no_local_folder_either(tmp_path, out, mon
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     assert_clean_failure(run(["probe", "nope", "--out", out]), out, "cannot reach", "no local folder 'nope'")
+
+
+def test_one_line_on_stderr_in_a_real_process(model, out):
+    """Outside CliRunner: transformers' own warnings about the same bad config (it checks token ids
+    too) must not surround our one line."""
+    import os
+    import subprocess
+    import sys
+
+    config = json.loads((model / "config.json").read_text())
+    config["bos_token_id"] = config["eos_token_id"] = config["vocab_size"] + 1000
+    (model / "config.json").write_text(json.dumps(config))
+    env = {k: v for k, v in os.environ.items() if k != "TRANSFORMERS_VERBOSITY"}
+    r = subprocess.run([sys.executable, "-m", "dowser_tool", "probe", str(model), "--probes", "2", "--probe-len", "4",
+                        "--draws", "1", "-q", "--out", str(out)], capture_output=True, text=True, env=env)
+    assert r.returncode == 1 and r.stdout == "", (r.stdout, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "outside the vocabulary" in lines[0], r.stderr
+    assert not out.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 
@@ -11,6 +12,11 @@ import click
 from .. import __version__
 from ..errors import DowserError
 from ..outputs import sigterm_as_interrupt
+
+
+# transformers' own warnings (config checks, loading notes) would surround our one-line errors;
+# a user who wants them sets TRANSFORMERS_VERBOSITY (read when transformers is imported).
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def user_errors(fn):

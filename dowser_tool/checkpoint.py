@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DowserError
+from .errors import DowserError, reason
 from .safetensors_format import (
     Header,
     TensorEntry,
@@ -122,7 +122,7 @@ class _HubFiles:
                     self.repo_id, name, revision=self.sha, endpoint=self.endpoint, cache_dir=hub_cache_dir()
                 )
             except Exception as e:  # network and HTTP errors all mean the same to the user
-                raise DowserError(f"{self.repo_id}/{name}@{self.sha[:12]}: download failed ({_short(e)})") from None
+                raise DowserError(f"{self.repo_id}/{name}@{self.sha[:12]}: download failed ({reason(e)})") from None
             self._local[name] = Path(p)
             self._record_ref()
         return self._local[name]
@@ -151,7 +151,7 @@ class _HubFiles:
         try:
             r = get_session().get(self.url(name), headers=headers, follow_redirects=True)
         except Exception as e:
-            raise DowserError(f"{where}: ranged read failed ({_short(e)})") from None
+            raise DowserError(f"{where}: ranged read failed ({reason(e)})") from None
         if r.status_code not in (200, 206):
             raise DowserError(f"{where}: ranged read failed (HTTP {r.status_code})")
         data = r.content
@@ -174,11 +174,6 @@ class _HubFiles:
 
     def list(self) -> list[str]:
         return list(self.files)
-
-
-def _short(e: Exception) -> str:
-    msg = str(e).strip().splitlines()
-    return f"{e.__class__.__name__}: {msg[0]}" if msg else e.__class__.__name__
 
 
 class Checkpoint:
@@ -405,7 +400,7 @@ class Checkpoint:
             try:
                 sd = torch.load(str(self._files.path(file)), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
-                raise DowserError(f"{self.where}/{file}: cannot load pickle with weights_only=True ({_short(e)})") from None
+                raise DowserError(f"{self.where}/{file}: cannot load pickle with weights_only=True ({reason(e)})") from None
             if not isinstance(sd, dict):
                 raise DowserError(f"{self.where}/{file}: pickle does not hold a state dict")
             self._handles[file] = sd
@@ -478,14 +473,12 @@ def hub_model_info(repo_id: str, revision: str | None, where: str, missing: str,
     except RepositoryNotFoundError:
         raise DowserError(f"{where}: {missing} on {endpoint} (or it is private)") from None
     except Exception as e:
-        raise DowserError(f"{where}: cannot reach {endpoint} ({_short(e)}){hint}") from None
+        raise DowserError(f"{where}: cannot reach {endpoint} ({reason(e)}){hint}") from None
 
 
 def _open_hub(repo_id: str, revision: str | None, allow_pickle: bool, download: bool) -> Checkpoint:
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub import snapshot_download
 
-    endpoint = hub_endpoint()
     if hub_offline():
         try:
             folder = Path(

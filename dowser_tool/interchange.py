@@ -37,10 +37,10 @@ import torch
 
 from . import __version__
 from .anatomy import Anatomy, KeyRules, NameMap, Weight, _is_linear, natural_key
-from .checkpoint import Checkpoint, _short, open_checkpoint
-from .errors import DowserError
+from .checkpoint import Checkpoint, open_checkpoint
+from .errors import DowserError, reason
 from .outputs import atomic_dir, check_destination
-from .scoring import cut_mask, score_matrix, validate_ratio
+from .scoring import cut_mask, validate_ratio
 from .sidecar import OUTPUT_HEAD, PackedMask, Sidecar, SidecarData, write_sidecar
 
 RELEASED_FORMAT = "Model-Dowser released scripts (per-module .pt)"
@@ -134,9 +134,9 @@ def _refuse(path: Path, e: Exception):
     blocked, a bad load key), without the advice to retry with weights_only=False."""
     boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
     parts = [" ".join(p.split()) for p in str(e).split("\n\n") if p.strip()]
-    reason = next((p for p in parts if not p.startswith(boilerplate)), None) or _short(e)
+    why = next((p for p in parts if not p.startswith(boilerplate)), None) or reason(e)
     raise DowserError(f"{path}: refused: not a plain torch file of tensors, numbers and strings "
-                      f"(torch.load with weights_only=True: {reason})") from None
+                      f"(torch.load with weights_only=True: {why})") from None
 
 
 def _plain(value) -> bool:

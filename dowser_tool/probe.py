@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from .anatomy import Weight
 from .checkpoint import Checkpoint, open_checkpoint
 from .errors import DowserError
-from .probes import Sampling, generate_text_probes, image_probe, image_processor, load_probe_file
+from .probes import ImageProbe, Sampling, generate_text_probes, image_processor, load_probe_file
 from .scoring import cut_mask, score_matrix, validate_ratio
 from .sidecar import (OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, weight_fingerprint,
                       write_sidecar)
@@ -365,7 +365,7 @@ class ProbeRun:
         s = self.s
         rec = self._recorder()
         done = 0
-        processor = image_processor(self.ckpt) if s.images else None  # before generating: fail fast
+        images = image_processor(self.ckpt) if s.images else None  # before generating: fail fast
         if state is not None and state.exists():
             self.tokens, rec.psi, rec.a, done = state.load()
         else:
@@ -373,7 +373,8 @@ class ProbeRun:
             if state is not None:
                 state.save(self.tokens, rec.psi, rec.a, 0)
         if s.images:
-            self.images = image_probe(self.ckpt, self.tokens.shape[0], s.seed, processor)
+            processor, prompt, side = images
+            self.images = ImageProbe(processor, prompt, self.tokens.shape[0], s.seed, side, self.ckpt.where)
         self._trace_calls()
         batches = self.batches()
         self.update_weights = [float(r.stop - r.start) for _, r in batches]

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DowserError
+from .errors import DowserError, reason
 
 
 @dataclass(frozen=True)
@@ -30,12 +30,6 @@ class Sampling:
     repetition_penalty: float = 1.05
     prefix_min: int = 1
     prefix_max: int = 5
-
-
-def _first_sentence(e: Exception) -> str:
-    """An exception's first sentence, for a one-line error."""
-    line = (str(e).strip().splitlines() or [""])[0]
-    return line.split(". ")[0].rstrip(".")
 
 
 def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]]:
@@ -238,7 +232,7 @@ class ImageProbe:
                                  return_tensors="pt")
         except Exception as e:
             raise DowserError(f"{self.where}: the model's processor could not process a noise image "
-                              f"({type(e).__name__}: {_first_sentence(e)})") from None
+                              f"({reason(e, sentence=True)})") from None
         return dict(out)
 
     def inputs(self, rows: slice, ids: torch.Tensor) -> dict:
@@ -281,20 +275,19 @@ def load_processor(folder: str, where: str):
     processor and tokenizer configs (`AutoImageProcessor`, `AutoTokenizer`) and its processor
     class with the video slot left out. Raises DowserError (one line) for anything else.
     """
-    import transformers
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     try:
         return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
     except ImportError as e:
-        missing = " ".join(str(e).split())[:200]
+        missing = reason(e, sentence=True)
         cls = _processor_class(folder)
         if cls is None or "video_processor" not in cls.get_attributes():
             raise DowserError(f"{where}: --images needs the model's processor, which needs a package that is not "
                               f"installed ({missing})") from None
     except Exception as e:
         raise DowserError(f"{where}: --images needs the model's processor, which AutoProcessor cannot load "
-                          f"({type(e).__name__}: {_first_sentence(e)})") from None
+                          f"({reason(e, sentence=True)})") from None
     attributes = [a for a in cls.get_attributes() if a != "video_processor"]
     image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: list(attributes))})
     parts = {"image_processor": AutoImageProcessor.from_pretrained(folder, trust_remote_code=False),
@@ -307,7 +300,7 @@ def load_processor(folder: str, where: str):
         return image_only.from_args_and_dict([parts[a] for a in attributes], processor_dict, **kwargs)
     except ImportError as e:
         raise DowserError(f"{where}: --images needs the model's processor, which needs a package that is not "
-                          f"installed ({(str(e).splitlines() or [''])[0][:200]})") from None
+                          f"installed ({reason(e, sentence=True)})") from None
 
 
 def _processor_class(folder: str):
@@ -355,13 +348,3 @@ def image_processor(ckpt) -> tuple:
     size = vision.get("image_size") or 224
     side = int(max(size) if isinstance(size, (list, tuple)) else size)  # InternVL gives [height, width]
     return processor, prompt, side
-
-
-def image_probe(ckpt, count: int, seed: int, processor: tuple | None = None) -> ImageProbe:
-    """Noise-image probes for `count` rows through the checkpoint's AutoProcessor (`processor`:
-    what `image_processor(ckpt)` returned, if already loaded).
-
-    Raises DowserError when the checkpoint ships no processor that handles images.
-    """
-    processor, prompt, side = processor or image_processor(ckpt)
-    return ImageProbe(processor, prompt, count, seed, side, ckpt.where)

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from .safetensors_format import StreamingWriter
-from .scoring import PRODUCT_BLOCK, cut_mask, product_rows, score_matrix, trainable_count
+from .scoring import (PRODUCT_BLOCK, bracket_ranks, cut_mask, product_rows, score_blocks, score_factors,
+                      score_matrix, trainable_count)
 
 BLOCK_ENTRIES = PRODUCT_BLOCK  # entries per block of the selection passes: cache-resident
 SAMPLE = 1 << 16  # scores sampled to bracket the threshold (as scoring.kth_smallest)
@@ -128,36 +129,24 @@ def _product_buffer(rows: int, cols: int) -> torch.Tensor:
     return buf[: rows * cols].view(rows, cols)
 
 
-def _score_blocks(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor):
-    """(r0, r1, rows r0:r1 of score_matrix) block by block, as `scoring.score_matrix` makes them
-    (the same row blocks, the same calls: the same bits), in this thread's reused buffer."""
-    rows, cols = weight.shape
-    step = product_rows(cols)
-    buf = _product_buffer(min(step, rows), cols)
-    for r0 in range(0, rows, step):
-        r1 = min(r0 + step, rows)
-        block = buf[: r1 - r0]
-        torch.mm(psiw_t[r0:r1], a, out=block)
-        yield r0, r1, block.mul_(weight[r0:r1].abs())
-
-
-def _weighted(psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Psi^T diag(w) / sum(w), A) in float32, computed as `scoring.score_matrix` does."""
-    psi, a, w = psi.float(), a.float(), w.float()
-    return (psi * (w / w.sum())[:, None]).T, a
+def _buffered_blocks(weight: torch.Tensor, left: torch.Tensor, right: torch.Tensor):
+    """`scoring.score_blocks` of (out, in) `weight`, each block in this thread's reused buffer."""
+    buf = _product_buffer(min(product_rows(weight.shape[1]), weight.shape[0]), weight.shape[1])
+    return score_blocks(weight, left, right, lambda r0, r1: buf[: r1 - r0])
 
 
 def score_blocks_aligned(weight, psi, a, w) -> bool:
-    """Whether the block scores equal `scoring.score_matrix` bit for bit (checked by the tests)."""
+    """Whether the blocks made in the reused buffer equal `scoring.score_matrix`'s (made into slices
+    of its result) bit for bit (checked by the tests)."""
     full = score_matrix(weight, psi, a, w)
     return all(torch.equal(block.view(torch.int32), full[r0:r1].view(torch.int32))
-               for r0, r1, block in _score_blocks(weight, *_weighted(psi, a, w)))
+               for r0, r1, block in _buffered_blocks(weight, *score_factors(psi, a, w)))
 
 
 def _bracket(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor, k: int) -> tuple[float, float]:
     """Two scores that very likely enclose the k-th smallest, from a seeded stratified sample of
     the scores (one entry drawn in each of SAMPLE equal runs of the flat matrix, so the gathers
-    walk memory in order; the same slack as scoring.kth_smallest). The sampled scores are summed
+    walk memory in order; the ranks of scoring.bracket_ranks). The sampled scores are summed
     in another order than the matrix product's, so they may differ in the last bits: whether the
     bracket encloses the threshold is checked exactly afterwards."""
     n, cols = weight.numel(), weight.shape[1]
@@ -169,9 +158,7 @@ def _bracket(weight: torch.Tensor, psiw_t: torch.Tensor, a: torch.Tensor, k: int
                         np.take(a.T.contiguous().numpy(), cols_, axis=0))
     bits = np.take(weight.reshape(-1).view(INT_OF_SIZE[weight.element_size()]).numpy(), idx)
     sampled = torch.from_numpy(product) * torch.from_numpy(bits).view(weight.dtype).abs()
-    q = k / n * SAMPLE
-    slack = 8 * (q * (1 - k / n)) ** 0.5 + 64
-    at = [max(0, int(q - slack)), min(SAMPLE - 1, int(q + slack))]
+    at = list(bracket_ranks(n, k, SAMPLE))
     picked = np.partition(sampled.numpy(), at)  # NaN sorts last, as in torch.sort
     return float(picked[at[0]]), float(picked[at[1]])
 
@@ -193,7 +180,7 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     k = trainable_count(n, update_ratio)
     if n <= 4 * SAMPLE or k <= 0 or k >= n:
         return reference_repair(base, ft, psi, a, w, update_ratio)
-    psiw_t, a = _weighted(psi, a, w)
+    psiw_t, a = score_factors(psi, a, w)
     lo, hi = _bracket(base, psiw_t, a, k)
     if lo != lo or hi != hi:  # NaN in the sample: leave NaN ordering to the reference path
         return reference_repair(base, ft, psi, a, w, update_ratio)
@@ -206,7 +193,7 @@ def repair_recut(base: torch.Tensor, ft: torch.Tensor, psi: torch.Tensor, a: tor
     scratch = _block_scratch(min(n, max(cols, BLOCK_ENTRIES)), as_int)
     below = 0
     positions, scores, ft_values = [], [], []
-    for r0, r1, score in _score_blocks(base, psiw_t, a):
+    for r0, r1, score in _buffered_blocks(base, psiw_t, a):
         m = (r1 - r0) * cols
         score_np, start = score.view(-1).numpy(), r0 * cols
         base_blk, out_blk = base_np[start : start + m], out_np[start : start + m]

@@ -15,27 +15,43 @@ from __future__ import annotations
 import torch
 
 
+def score_factors(psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
+                  transposed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right), float32 on psi's device, whose product is the weighted mean outer product
+    Psi^T diag(w) A / sum(w) in W's layout: left (out, U) and right (U, in), or for `transposed`
+    left (in, U) and right (U, out). psi: (U, out), a: (U, in), w: (U,)."""
+    psi, a, w = psi.float(), a.float(), w.float().to(psi.device)
+    weighted = psi * (w / w.sum())[:, None]
+    a = a.to(psi.device)
+    return (a.T, weighted) if transposed else (weighted.T, a)
+
+
+def score_blocks(W: torch.Tensor, left: torch.Tensor, right: torch.Tensor, block_of):
+    """Yield (r0, r1, S[r0:r1]): the score by blocks of `product_rows` rows, each made as
+    left[r0:r1] @ right into `block_of(r0, r1)` (a float32 (r1 - r0, cols) tensor) and multiplied
+    by |W[r0:r1]| in place. The one definition of the score's bits: `score_matrix` writes the
+    blocks into its result, the merge's fused kernel into a reused cache-sized buffer."""
+    rows, cols = left.shape[0], right.shape[1]
+    step = product_rows(cols)
+    for r0 in range(0, rows, step):
+        r1 = min(r0 + step, rows)
+        block = block_of(r0, r1)
+        torch.mm(left[r0:r1], right, out=block)
+        yield r0, r1, block.mul_(W[r0:r1].abs())
+
+
 def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor,
                  transposed: bool = False) -> torch.Tensor:
     """S = |W| (.) (Psi^T diag(w) A) / sum(w), in float32. psi: (U, out), a: (U, in), w: (U,).
 
     W is (out, in), or (in, out) with `transposed` (transformers' Conv1D layout, as GPT-2
-    stores it); the score has W's own shape either way. The product is made block by block of
-    `product_rows` rows, each block multiplied by |W| at once: one matrix-sized buffer, and the
-    very blocks (so the very bits) of the merge's fused kernel (merge_kernels.repair_recut).
+    stores it); the score has W's own shape either way. Made by `score_blocks`: one
+    matrix-sized buffer, the very bits of the merge's fused kernel (merge_kernels.repair_recut).
     """
-    psi, a, w = psi.float(), a.float(), w.float().to(psi.device)
-    weighted = psi * (w / w.sum())[:, None]
-    a = a.to(psi.device)
-    # (out, in) or (in, out): the weighted mean outer product in W's layout
-    left, right = (a.T, weighted) if transposed else (weighted.T, a)
-    score = torch.empty(left.shape[0], right.shape[1], device=psi.device)
-    W = W.detach().to(psi.device)
-    step = product_rows(score.shape[1])
-    for r0 in range(0, score.shape[0], step):
-        block = score[r0 : r0 + step]
-        torch.mm(left[r0 : r0 + step], right, out=block)
-        block.mul_(W[r0 : r0 + step].abs())
+    left, right = score_factors(psi, a, w, transposed)
+    score = torch.empty(left.shape[0], right.shape[1], device=left.device)
+    for _ in score_blocks(W.detach().to(left.device), left, right, lambda r0, r1: score[r0:r1]):
+        pass
     return score
 
 
@@ -82,6 +98,15 @@ def cut_mask(score: torch.Tensor, rho: float) -> torch.Tensor:
 _BLOCK = 1 << 20  # entries per block of the counting passes
 
 
+def bracket_ranks(n: int, k: int, sample: int) -> tuple[int, int]:
+    """Ranks (0-based) in a sorted sample of `sample` of `n` values between which the k-th smallest
+    of all n very likely lies: the sample quantile k/n, about 8 standard deviations of its rank
+    either side (plus 64)."""
+    q = k / n * sample
+    slack = 8 * (q * (1 - k / n)) ** 0.5 + 64
+    return max(0, int(q - slack)), min(sample - 1, int(q + slack))
+
+
 def kth_smallest(flat: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Tensor:
     """The k-th smallest value (1-based) of a 1-D tensor, exactly.
 
@@ -97,10 +122,8 @@ def kth_smallest(flat: torch.Tensor, k: int, sample: int = 1 << 16) -> torch.Ten
     gen = torch.Generator().manual_seed(n * 31 + k)
     idx = torch.randint(0, n, (sample,), generator=gen).to(flat.device)
     picked = flat[idx].sort().values
-    q = k / n * sample
-    slack = 8 * (q * (1 - k / n)) ** 0.5 + 64  # ~8 standard deviations of a sample quantile's rank
-    lo = picked[max(0, int(q - slack))]
-    hi = picked[min(sample - 1, int(q + slack))]
+    lo_rank, hi_rank = bracket_ranks(n, k, sample)
+    lo, hi = picked[lo_rank], picked[hi_rank]
     below, parts = 0, []
     for start in range(0, n, _BLOCK):  # in blocks: temporaries of one block, not of the matrix
         block = flat[start : start + _BLOCK]

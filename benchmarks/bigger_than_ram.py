@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ import time
 from pathlib import Path
 
 from .checkpoints import SHAPES, write_llama
+from .measure import drop_page_cache
 
 
 def disk_read_bytes() -> int:
@@ -37,16 +37,6 @@ def disk_read_bytes() -> int:
         if line.startswith("read_bytes:"):
             return int(line.split()[1])
     return 0
-
-
-def drop_page_cache(folder: Path) -> None:
-    """Ask the kernel to forget the checkpoint's cached pages, so reads come from the disk."""
-    for f in folder.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def read_once(folder: Path) -> float:

@@ -25,17 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .measure import drop_page_cache
 from .probe_scale import build
-
-
-def drop_page_cache(folder: Path) -> None:
-    for f in folder.glob("*.safetensors"):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def main(argv=None) -> list[dict]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 # VmHWM, not ru_maxrss: after fork+exec, ru_maxrss still counts the parent's peak.
 _WRAPPER = (
@@ -27,3 +29,15 @@ def run_measured(module: str, args, env=None) -> dict:
         raise RuntimeError(f"{module} {' '.join(map(str, args))} failed:\n{r.stderr[-3000:]}")
     peak = int(r.stderr.rsplit("PEAK_RSS", 1)[1].split()[0])
     return {"peak_rss_bytes": peak, "wall_s": round(wall, 2), "stdout": r.stdout}
+
+
+def drop_page_cache(folder: Path) -> None:
+    """Ask the kernel to forget the cached pages of a checkpoint's shards (written back first), so
+    the next reads come from the disk."""
+    for f in Path(folder).glob("*.safetensors"):
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)

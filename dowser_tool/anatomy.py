@@ -135,7 +135,7 @@ def build_model(config: dict, dtype: torch.dtype, where: str) -> nn.Module:
     model_type = config.get("model_type")
     try:
         cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError):
         raise DowserError(
             f"{where}: no transformers class for model_type {model_type!r} (transformers {transformers.__version__}); "
             "dowser merge and protect still work when tensor names match"

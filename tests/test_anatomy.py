@@ -1,7 +1,5 @@
 """The anatomy of a checkpoint comes from its transformers class: no per-family table."""
 
-import json
-
 import pytest
 import torch
 

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from dowser_tool import DowserError, Sidecar, load_mask, open_checkpoint, protect
 from dowser_tool.cli import main
-from dowser_tool.interchange import export_scores, import_scores, read_score_file
+from dowser_tool.interchange import export_scores, import_scores
 from dowser_tool.probe import ProbeSettings, probe
 from dowser_tool.scoring import cut_mask, score_matrix, trainable_count
 from dowser_tool.sidecar import OUTPUT_HEAD, SidecarData, write_sidecar

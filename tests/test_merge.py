@@ -374,7 +374,7 @@ def bad_setup(tmp_path_factory):
     mask, _ = make_mask(base, tmp / "m.dowser.safetensors")
     other = make_llama(tmp / "wide", seed=0, hidden=48)
     wrong_shape, _ = make_mask(other, tmp / "wide.dowser.safetensors")
-    llava = make_llava(tmp / "llava")
+    make_llava(tmp / "llava")  # ({"finetuned": "llava"}, ...) below: another architecture
     pickled = tmp / "pickled"
     shutil.copytree(ft, pickled)
     (pickled / "model.safetensors").unlink()
@@ -480,7 +480,7 @@ def test_interpolate_an_adapter_scales_its_update(tmp_path):
     base_sd = state_dict(base)
     adapter, lora = write_adapter(tmp_path / "adapter", base_sd, targets=("q_proj",))
     (s,) = merge_checkpoint(base, adapter, None, tmp_path / "out", interpolate=0.5, progress=False)
-    full, _ = merge_checkpoint(base, adapter, None, tmp_path / "full", interpolate=1.0, progress=False), None
+    merge_checkpoint(base, adapter, None, tmp_path / "full", interpolate=1.0, progress=False)
     got, merged = state_dict(tmp_path / "out"), state_dict(tmp_path / "full")
     for n, w in base_sd.items():
         assert same_bits(got[n], torch.lerp(w, merged[n], 0.5)), n

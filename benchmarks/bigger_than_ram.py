@@ -54,7 +54,7 @@ def child(mode: str, model: Path, work: Path) -> None:
     """One probe in this process; prints its figures as JSON."""
     import torch
 
-    from dowser_tool.probe import ProbeSettings, probe
+    from dowser_tool.probe.run import ProbeSettings, probe
 
     drop_page_cache(model)
     common = dict(batch_size=4, draws=2, device="cpu", dtype="bfloat16", resident="auto")

@@ -36,7 +36,7 @@ def llama_tensors(hidden: int, inter: int, heads: int, layers: int, vocab: int) 
 def write_llama(folder: Path, hidden: int, inter: int, heads: int, layers: int, vocab: int,
                 shard_bytes: int = 5 << 30, seed: int = 0) -> int:
     """Write a bf16 Llama checkpoint (config.json, shards, index) into `folder`; returns its tensor bytes."""
-    from dowser_tool.safetensors_format import StreamingWriter
+    from dowser_tool.io.layout import StreamingWriter
 
     folder.mkdir(parents=True, exist_ok=True)
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,

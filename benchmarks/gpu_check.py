@@ -39,7 +39,7 @@ def emit(row: dict) -> dict:
 
 def run_probe(model_dir: Path, out: Path, settings) -> dict:
     """One probe, with its disk reads and peak GPU memory."""
-    from dowser_tool.probe import probe
+    from dowser_tool.probe.run import probe
 
     drop_page_cache(model_dir)
     torch.cuda.empty_cache()
@@ -75,7 +75,7 @@ def main(argv=None):
     ap.add_argument("--workdir", default="/tmp/dowser-gpu")
     ap.add_argument("--skip-reference", action="store_true")
     args = ap.parse_args(argv)
-    from dowser_tool.probe import ProbeSettings
+    from dowser_tool.probe.run import ProbeSettings
 
     assert torch.cuda.is_available(), "this check needs a CUDA GPU"
     work = Path(args.workdir)

@@ -38,7 +38,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--hub-mbps", type=float, help="read through a local Hub stand-in throttled to this rate")
     args = ap.parse_args(argv)
     from dowser_tool import open_checkpoint
-    from dowser_tool.streaming import BlockRunner
+    from dowser_tool.model.streaming import BlockRunner
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -89,8 +89,8 @@ def write_checkpoint(folder: Path, config, shapes, make) -> None:
 
 
 def build(work: Path, size_gb: float) -> tuple[Path, Path, Path, int]:
-    from dowser_tool.scoring import cut_mask, score_matrix
-    from dowser_tool.sidecar import SidecarData, write_sidecar
+    from dowser_tool.score import cut_mask, score_matrix
+    from dowser_tool.sidecar.file import SidecarData, write_sidecar
 
     config = llama_config(layers_for(size_gb))
     shapes = param_shapes(config)
@@ -142,7 +142,7 @@ def run_io_floor(base: Path, ft: Path, mask: Path, out: Path) -> None:
 def run_naive(base: Path, ft: Path, mask: Path, out: Path) -> None:
     from safetensors.torch import load_file, save_file
 
-    from dowser_tool.sidecar import Sidecar
+    from dowser_tool.sidecar.file import Sidecar
 
     sidecar = Sidecar(mask)
     base_sd = {n: t for f in sorted(base.glob("*.safetensors")) for n, t in load_file(f).items()}

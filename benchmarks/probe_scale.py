@@ -52,7 +52,7 @@ def agreement(sidecar: Path, reference: Path, model: Path, rho: float, sample: i
     from safetensors.torch import load_file
 
     from dowser_tool import Sidecar, open_checkpoint
-    from dowser_tool.scoring import cut_mask, score_matrix
+    from dowser_tool.score import cut_mask, score_matrix
 
     sc, ref, ckpt = Sidecar(sidecar), load_file(str(reference)), open_checkpoint(model)
     gen = torch.Generator().manual_seed(0)

@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from dowser_tool.probe import rademacher
+from dowser_tool.probe.run import rademacher
 
 
 def load_model(folder: str, dtype=torch.float32):
@@ -80,7 +80,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     from safetensors.torch import save_file
 
-    from dowser_tool.probes import load_probe_file
+    from dowser_tool.probe.prompts import load_probe_file
 
     t0 = time.perf_counter()
     model = load_model(args.model)

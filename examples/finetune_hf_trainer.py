@@ -15,7 +15,7 @@ from finetune_with_mask import load_example, mask_path, parse_args, task_example
 def main():
     from transformers import Trainer, TrainingArguments
 
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     args = parse_args(__doc__.splitlines()[0])
     model, tokenizer = load_example(args.model)

@@ -18,7 +18,7 @@ def main():
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     args = parse_args(__doc__.splitlines()[0])
     model, tokenizer = load_example(args.model)

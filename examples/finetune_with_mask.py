@@ -66,7 +66,7 @@ def mask_path(args) -> str:
     """The sidecar to use: --mask, or a quick probe of the model written to --out (or a temp folder)."""
     if args.mask:
         return args.mask
-    from dowser_tool.probe import ProbeSettings, probe
+    from dowser_tool.probe.run import ProbeSettings, probe
 
     folder = Path(args.out or scratch_dir("dowser-example-"))
     folder.mkdir(parents=True, exist_ok=True)

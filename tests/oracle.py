@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dowser_tool.probe import rademacher
+from dowser_tool.probe.run import rademacher
 
 
 class _ExpertLinears(nn.Module):

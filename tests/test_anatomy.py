@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from dowser_tool import DowserError, open_checkpoint
-from dowser_tool.anatomy import Anatomy, KeyRules, NameMap, match_names
+from dowser_tool.model.anatomy import Anatomy
+from dowser_tool.model.keys import KeyRules, NameMap, match_names
 
 from .families import FAMILIES, build
 from .models import make_llava

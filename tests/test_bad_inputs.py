@@ -142,8 +142,7 @@ def test_output_inside_input(model):
 
 
 def test_full_disk(model, out, monkeypatch):
-    from dowser_tool import safetensors_format
-
+    from dowser_tool.io import layout as safetensors_format
     def full(self, name, data):
         raise OSError(errno.ENOSPC, "No space left on device")
 

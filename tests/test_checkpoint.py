@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from dowser_tool import DowserError, open_checkpoint
-from dowser_tool.checkpoint import COALESCE_GAP
+from dowser_tool.io.checkpoint import COALESCE_GAP
 
 from .models import make_llama
 

@@ -15,10 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from dowser_tool import Sidecar, open_checkpoint, protect
-from dowser_tool.anatomy import KeyRules
-from dowser_tool.merge import merge_checkpoint
-from dowser_tool.probe import ProbeRun, ProbeSettings, probe
-from dowser_tool.scoring import trainable_count
+from dowser_tool.model.keys import KeyRules
+from dowser_tool.repair.merge import merge_checkpoint
+from dowser_tool.probe.run import ProbeRun, ProbeSettings, probe
+from dowser_tool.score import trainable_count
 
 from .families import FAMILIES, build
 from .oracle import assert_run_matches_oracle

@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 
 from dowser_tool import DowserError, Sidecar, load_mask, protect
 from dowser_tool.cli import main
-from dowser_tool.probe import ProbeSettings, probe
-from dowser_tool.sidecar import recut_sidecar, resolve_sidecar
+from dowser_tool.probe.run import ProbeSettings, probe
+from dowser_tool.sidecar.file import recut_sidecar, resolve_sidecar
 
 from .models import make_llama
 
@@ -144,7 +144,7 @@ def test_every_entry_point_takes_a_hub_sidecar(served, hub, tmp_path, monkeypatc
     (after one download) with HF_HUB_OFFLINE=1 and no request at all."""
     from transformers import AutoModelForCausalLM
 
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     base, ft, sidecar, sha = served
     if offline:
@@ -253,7 +253,7 @@ def test_probe_card_is_a_hub_model_card(hub, tmp_path, models):
 def test_card_of_a_local_base_names_the_folder(models, tmp_path):
     from huggingface_hub import ModelCard
 
-    from dowser_tool.card import write_model_card
+    from dowser_tool.interop.card import write_model_card
 
     base, ft, sidecar = models
     folder = tmp_path / "local"

@@ -7,7 +7,7 @@ import torch
 from click.testing import CliRunner
 
 from dowser_tool.cli import main
-from dowser_tool.sidecar import SidecarData, write_sidecar
+from dowser_tool.sidecar.file import SidecarData, write_sidecar
 
 
 @pytest.fixture()

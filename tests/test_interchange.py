@@ -12,10 +12,10 @@ from safetensors.torch import load_file
 
 from dowser_tool import DowserError, Sidecar, load_mask, open_checkpoint, protect
 from dowser_tool.cli import main
-from dowser_tool.interchange import export_scores, import_scores
-from dowser_tool.probe import ProbeSettings, probe
-from dowser_tool.scoring import cut_mask, score_matrix, trainable_count
-from dowser_tool.sidecar import OUTPUT_HEAD, SidecarData, write_sidecar
+from dowser_tool.interop.released import export_scores, import_scores
+from dowser_tool.probe.run import ProbeSettings, probe
+from dowser_tool.score import cut_mask, score_matrix, trainable_count
+from dowser_tool.sidecar.file import OUTPUT_HEAD, SidecarData, write_sidecar
 
 from .families import build
 from .models import EXAMPLE_LLAVA, make_llama
@@ -196,7 +196,7 @@ def test_import_of_files_laid_out_as_the_released_scripts_write_them(tmp_path):
     assert r.exit_code == 0 and "saved (re-cut at any ratio)" in r.output
     from huggingface_hub import ModelCard
 
-    from dowser_tool.card import write_model_card
+    from dowser_tool.interop.card import write_model_card
 
     card = ModelCard.load(write_model_card(out, repo_id="org/llava-dowser"))
     assert card.data.base_model is None and "| imported from | Model-Dowser released scripts" in card.text

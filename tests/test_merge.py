@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from dowser_tool import DowserError
 from dowser_tool.cli import main
-from dowser_tool.merge import DEFAULT_RESTORE, merge_checkpoint
-from dowser_tool.anatomy import KeyRules
-from dowser_tool.scoring import cut_mask, score_matrix
-from dowser_tool.sidecar import SidecarData, write_sidecar
+from dowser_tool.repair.merge import DEFAULT_RESTORE, merge_checkpoint
+from dowser_tool.model.keys import KeyRules
+from dowser_tool.score import cut_mask, score_matrix
+from dowser_tool.sidecar.file import SidecarData, write_sidecar
 
 from .models import make_llama, make_llava
 
@@ -332,7 +332,7 @@ def test_own_strength_applies_the_stored_masks(tmp_path):
     ft = make_llama(tmp_path / "ft", seed=1)
     mask, stats = make_mask(base, tmp_path / "m.dowser.safetensors", update_ratio=0.2)
     # stored masks that no re-cut would give: the tool must use them as they are at restore 0.8
-    from dowser_tool.sidecar import Sidecar
+    from dowser_tool.sidecar.file import Sidecar
 
     data = Sidecar(mask).read_all()
     g = torch.Generator().manual_seed(5)
@@ -347,8 +347,7 @@ def test_own_strength_applies_the_stored_masks(tmp_path):
 
 
 def test_interrupt_leaves_nothing(tmp_path, monkeypatch):
-    from dowser_tool import merge as merge_module
-
+    from dowser_tool.repair import merge as merge_module
     base = make_llama(tmp_path / "base", seed=0)
     ft = make_llama(tmp_path / "ft", seed=1)
     mask, _ = make_mask(base, tmp_path / "m.dowser.safetensors")

@@ -6,8 +6,8 @@ from click.testing import CliRunner
 
 from dowser_tool import Sidecar, open_checkpoint
 from dowser_tool.cli import main
-from dowser_tool.probe import ProbeRun, ProbeSettings, parse_layers
-from dowser_tool.scoring import score_matrix, trainable_count
+from dowser_tool.probe.run import ProbeRun, ProbeSettings, parse_layers
+from dowser_tool.score import score_matrix, trainable_count
 
 from .oracle import assert_run_matches_oracle
 

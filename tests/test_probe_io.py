@@ -72,8 +72,8 @@ def test_masks_cut_in_the_last_pass_equal_masks_cut_from_the_checkpoint(llama4, 
     import torch
 
     from dowser_tool import open_checkpoint
-    from dowser_tool.probe import ProbeRun, ProbeSettings
-    from dowser_tool.scoring import cut_mask, score_matrix
+    from dowser_tool.probe.run import ProbeRun, ProbeSettings
+    from dowser_tool.score import cut_mask, score_matrix
 
     ckpt = open_checkpoint(llama4)
     run = ProbeRun(ckpt, ProbeSettings(probes=4, probe_len=6, draws=2, dtype=dtype, resident="never"), progress=False)
@@ -110,7 +110,7 @@ def test_layer_cache_is_removed_even_without_close(hub, tmp_path, llama4):
     import torch
 
     from dowser_tool import open_checkpoint
-    from dowser_tool.streaming import BlockRunner
+    from dowser_tool.model.streaming import BlockRunner
 
     hub.add_repo("org/m", llama4)
     runner = BlockRunner(open_checkpoint("org/m"), torch.device("cpu"), torch.float32, residency="stream",

@@ -21,7 +21,7 @@ def dowser(*args, env=None, **kw):
 
 def wait_for_progress(state, proc, done_at_least, timeout=120):
     """Poll the resume state until `done_at_least` batches are recorded in it."""
-    from dowser_tool.safetensors_format import read_header
+    from dowser_tool.io.layout import read_header
 
     t0 = time.time()
     while time.time() - t0 < timeout:

@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dowser_tool.errors import DowserError
-from dowser_tool.safetensors_format import DTYPES, itemsize, parse_header, parse_header_length
-from dowser_tool.sidecar import pack_bits, unpack_bits
+from dowser_tool.io.layout import DTYPES, itemsize, parse_header, parse_header_length
+from dowser_tool.sidecar.file import pack_bits, unpack_bits
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

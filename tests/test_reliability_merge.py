@@ -16,10 +16,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dowser_tool import DowserError, Sidecar
-from dowser_tool.merge import merge_checkpoint
-from dowser_tool.probe import ProbeSettings, probe
-from dowser_tool.scoring import cut_mask, score_matrix
-from dowser_tool.sidecar import OUTPUT_HEAD, SidecarData, write_sidecar
+from dowser_tool.repair.merge import merge_checkpoint
+from dowser_tool.probe.run import ProbeSettings, probe
+from dowser_tool.score import cut_mask, score_matrix
+from dowser_tool.sidecar.file import OUTPUT_HEAD, SidecarData, write_sidecar
 
 from .models import make_llama
 from .test_merge import make_mask, run_cli, same_bits, state_dict
@@ -339,7 +339,7 @@ def test_config_dtype_follows_the_tensors_written(tmp_path):
 
 
 def test_result_does_not_depend_on_tensor_order_in_the_file(tmp_path):
-    from dowser_tool.safetensors_format import TORCH_TO_ST, StreamingWriter
+    from dowser_tool.io.layout import TORCH_TO_ST, StreamingWriter
 
     base = make_llama(tmp_path / "base")
     ft = make_llama(tmp_path / "ft", seed=1)
@@ -361,7 +361,7 @@ def test_mask_from_another_model_of_the_same_shapes_is_refused(tmp_path):
     """Two models of one architecture, different weights: the probe fingerprints each weight it
     scored, and merge refuses a BASE whose weights are not those (whatever its path), or warns
     and merges with --force."""
-    from dowser_tool.sidecar import weight_fingerprint
+    from dowser_tool.sidecar.file import weight_fingerprint
 
     probed = make_llama(tmp_path / "probed", seed=0)
     other = make_llama(tmp_path / "other", seed=1)

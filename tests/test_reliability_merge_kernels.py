@@ -7,10 +7,10 @@ views, the very functions `dowser merge` used before the fast path existed.
 import pytest
 import torch
 
-from dowser_tool import merge_kernels
-from dowser_tool.merge import merge_checkpoint
-from dowser_tool.merge_kernels import SAMPLE, repair_recut, score_blocks_aligned
-from dowser_tool.scoring import cut_mask, score_matrix
+from dowser_tool.repair import kernels as merge_kernels
+from dowser_tool.repair.merge import merge_checkpoint
+from dowser_tool.repair.kernels import SAMPLE, repair_recut, score_blocks_aligned
+from dowser_tool.score import cut_mask, score_matrix
 
 from .models import make_llama
 from .test_merge import assert_output, expected, make_mask, state_dict
@@ -96,7 +96,7 @@ def test_merge_with_matrices_on_the_fast_path_is_exact(tmp_path, restore):
 
 
 def test_buffer_pool_reuses_its_own_buffers_only():
-    from dowser_tool.merge_kernels import BufferPool
+    from dowser_tool.repair.kernels import BufferPool
 
     pool = BufferPool(keep=2)
     first = pool.empty((1000, 1000), torch.bfloat16)
@@ -112,8 +112,8 @@ def test_buffer_pool_reuses_its_own_buffers_only():
 @pytest.mark.parametrize("shape,dtype", [((700, 1001), torch.bfloat16), ((3, 5), torch.float32),
                                          ((600, 900), torch.float16)])
 def test_stored_masks_apply_bit_for_bit(shape, dtype):
-    from dowser_tool.merge_kernels import BLOCK_ENTRIES, apply_stored
-    from dowser_tool.sidecar import pack_bits
+    from dowser_tool.repair.kernels import BLOCK_ENTRIES, apply_stored
+    from dowser_tool.sidecar.file import pack_bits
 
     base, ft, *_ = inputs(*shape, 2, dtype, nan=True)
     mask = torch.rand(shape, generator=torch.Generator().manual_seed(1)) < 0.7

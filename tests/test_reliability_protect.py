@@ -116,7 +116,7 @@ def test_6_trainer_optimizers_keep_protected_entries_in_evaluated_and_saved_weig
     from safetensors.torch import load_file
     from transformers import Trainer
 
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     model = load_model(llava_dir)
     before = snapshot(model)

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from dowser_tool import DowserError
-from dowser_tool import repair as R
-from dowser_tool.scoring import cut_mask, score_matrix
+from dowser_tool.repair import methods as R
+from dowser_tool.score import cut_mask, score_matrix
 
 B = torch.tensor([[1.0, -2.0], [0.5, 4.0]])
 F = torch.tensor([[3.0, -2.0], [-0.5, 0.0]])  # delta = [[2, 0], [-1, -4]]
@@ -172,7 +172,7 @@ def test_adapter_restore_top_equals_dowser_merge(tmp_path):
     from safetensors.torch import load_file
 
     from benchmarks.forgetting.repairs import Pair
-    from dowser_tool.merge import merge_checkpoint
+    from dowser_tool.repair.merge import merge_checkpoint
 
     from .models import make_llama
     from .test_merge import make_mask

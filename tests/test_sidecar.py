@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import save_file
 
 from dowser_tool import DowserError, Sidecar, load_mask
-from dowser_tool.safetensors_format import read_header
-from dowser_tool.scoring import cut_mask, score_matrix, trainable_count
-from dowser_tool.sidecar import SidecarData, pack_bits, unpack_bits, write_sidecar
+from dowser_tool.io.layout import read_header
+from dowser_tool.score import cut_mask, score_matrix, trainable_count
+from dowser_tool.sidecar.file import SidecarData, pack_bits, unpack_bits, write_sidecar
 
 
 def random_masks(shapes, seed=0):
@@ -120,7 +120,7 @@ def test_foreign_and_newer_files_refused(tmp_path):
 @pytest.mark.parametrize("kind", ["continuous", "ties", "nan"])
 def test_sampled_selection_is_exact_on_large_matrices(kind):
     """Large matrices take the sampled-bracket path of kth_smallest: still the exact k-th value."""
-    from dowser_tool.scoring import kth_smallest
+    from dowser_tool.score import kth_smallest
 
     g = torch.Generator().manual_seed(1)
     s = torch.rand(700, 600, generator=g)

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dowser_tool import DowserError, open_checkpoint, protect
-from dowser_tool.anatomy import KeyRules, NameMap, match_names
-from dowser_tool.scoring import cut_mask, score_matrix
-from dowser_tool.sidecar import SidecarData, write_sidecar
+from dowser_tool.model.keys import KeyRules, NameMap, match_names
+from dowser_tool.score import cut_mask, score_matrix
+from dowser_tool.sidecar.file import SidecarData, write_sidecar
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 STEPS = 4
@@ -196,7 +196,7 @@ def test_trainer_callback_keeps_protected_entries(llava_dir, sidecar, tmp_path, 
     pytest.importorskip("accelerate")  # the Trainer needs it
     from transformers import Trainer
 
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     class SubclassedTrainer(Trainer):  # as TRL's SFTTrainer is
         def compute_loss(self, model, inputs, return_outputs=False, **kwargs):
@@ -286,7 +286,7 @@ def test_protected_gradients_and_optimizer_state_are_zero(llava_dir, sidecar):
 
 
 def test_callback_enforces_when_the_step_hook_did_not_fire(llava_dir, sidecar, tmp_path):
-    from dowser_tool.integrations import DowserCallback
+    from dowser_tool.train.callback import DowserCallback
 
     model = load_model(llava_dir)
     opt, _ = adamw_with_schedule(model.parameters())
@@ -310,7 +310,7 @@ def test_wrapped_model_is_unwrapped(llava_dir, sidecar):
 
 def test_dowser_merge_after_lora_restores_the_entrywise_mask(llava_dir, sidecar, tmp_path):
     from dowser_tool import Sidecar
-    from dowser_tool.merge import merge_checkpoint
+    from dowser_tool.repair.merge import merge_checkpoint
 
     model = lora_model(llava_dir)
     handle = protect(model, sidecar)

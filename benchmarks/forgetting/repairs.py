@@ -17,8 +17,8 @@ import torch
 from safetensors.torch import load_file
 
 from dowser_tool import Sidecar
-from dowser_tool import repair as R
-from dowser_tool.anatomy import KeyRules
+from dowser_tool.repair import methods as R
+from dowser_tool.model.keys import KeyRules
 
 # name -> (function, takes the score matrix, takes G instead of the score)
 SCORED = {"restore_top", "score_shrink", "rank_interpolate", "restore_interpolate", "restore_trim", "score_trim"}

@@ -166,8 +166,7 @@ def crosscheck(pair: Pair) -> str:
     except ImportError:
         return ("mergekit is not installed (`pip install -e .[bench]`), so the baselines were not cross-checked "
                 "in this run; tests/test_repair.py checks them when it is")
-    from dowser_tool import repair as R
-
+    from dowser_tool.repair import methods as R
     worst = {}
     for i, n in enumerate(pair.names):
         b, f = pair.base[n], pair.ft[n]

@@ -11,7 +11,7 @@ import click
 
 from .. import __version__
 from ..errors import DowserError
-from ..outputs import sigterm_as_interrupt
+from ..io.outputs import sigterm_as_interrupt
 
 
 # transformers' own warnings (config checks, loading notes) would surround our one-line errors;

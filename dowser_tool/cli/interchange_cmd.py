@@ -18,7 +18,7 @@ from . import user_errors
 def import_scores(folder, base, base_revision, out, update_ratio, allow_pickle, force):
     """Make a sidecar from the released Model-Dowser scripts' per-module score files (FOLDER/*.pt)."""
     from ..errors import DowserError
-    from ..interchange import import_scores as run
+    from ..interop.released import import_scores as run
 
     missing = [option for option, value in {"--base": base, "--out": out}.items() if not value]
     if missing:
@@ -43,7 +43,7 @@ def import_scores(folder, base, base_revision, out, update_ratio, allow_pickle, 
 def export_scores(sidecar, revision, base, base_revision, out, dtype, allow_pickle, force):
     """Write a sidecar's scores as the released Model-Dowser scripts' per-module .pt files."""
     from ..errors import DowserError
-    from ..interchange import export_scores as run
+    from ..interop.released import export_scores as run
 
     if not out:
         raise DowserError("missing --out (see dowser export-scores --help)")

@@ -33,8 +33,8 @@ def merge(base, finetuned, mask_path, out, restore, update_ratio, interpolate, b
           shard_size, dtype, allow_pickle, force, quiet):
     """Repair a fine-tuned checkpoint: restore the top-scoring weights of each masked matrix from BASE."""
     from ..errors import DowserError
-    from ..merge import merge_checkpoint
-    from ..probe import parse_size
+    from ..repair.merge import merge_checkpoint
+    from ..probe.run import parse_size
 
     given = {"--base": base, "--finetuned": finetuned, "--out": out}
     if interpolate is None:

@@ -54,8 +54,8 @@ def _split(value):
 def probe(model, revision, out, include, activation_budget, resume, allow_pickle, download, card, card_repo, force,
           quiet, **options):
     """Stream MODEL (folder or Hub id) block by block and write its mask sidecar."""
-    from ..probe import ProbeSettings, parse_size, probe as run_probe
-    from ..sidecar import default_sidecar_name
+    from ..probe.run import ProbeSettings, parse_size, probe as run_probe
+    from ..sidecar.file import default_sidecar_name
 
     budget = parse_size(activation_budget) if activation_budget else None
     settings = ProbeSettings(include=_split(include), activation_budget=budget, **options)
@@ -64,7 +64,7 @@ def probe(model, revision, out, include, activation_budget, resume, allow_pickle
 
         raise DowserError("--card-repo names the repo in the model card: pass --card too")
     if card:  # refused before any work when README.md exists
-        from ..card import card_destination
+        from ..interop.card import card_destination
 
         card_destination(out or default_sidecar_name(model), force)
     summary = run_probe(model, out, revision=revision, settings=settings, force=force, resume=resume,
@@ -73,7 +73,7 @@ def probe(model, revision, out, include, activation_budget, resume, allow_pickle
         return
     click.echo(summary_line(summary))
     if card:
-        from ..card import write_model_card
+        from ..interop.card import write_model_card
 
         click.echo(f"wrote {write_model_card(summary['path'], repo_id=card_repo, force=force)}")
 
@@ -106,7 +106,7 @@ def summary_line(summary: dict) -> str:
 def mask(sidecar, revision, update_ratio, base, out, force):
     """Re-cut a sidecar's masks (a file, or a Hub REPO_ID or REPO_ID/FILE) at another update ratio from its
     saved statistics or scores (no probing)."""
-    from ..sidecar import recut_sidecar
+    from ..sidecar.file import recut_sidecar
 
     path = recut_sidecar(sidecar, update_ratio, out, base=base, force=force, revision=revision)
     click.echo(f"wrote {path} at update ratio {update_ratio}")

@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .errors import DowserError
-from .outputs import atomic_file
-from .safetensors_format import TORCH_TO_ST, StreamingWriter, read_header
-from .scoring import cut_mask, score_matrix, validate_ratio
+from .. import __version__
+from ..errors import DowserError
+from ..io.outputs import atomic_file
+from ..io.layout import TORCH_TO_ST, StreamingWriter, read_header
+from ..score import cut_mask, score_matrix, validate_ratio
 
 FORMAT_NAME = "dowser-mask"
 FORMAT_VERSION = 2  # 2: adds the `roles` metadata; version 1 files are still read (roles inferred)
@@ -283,7 +283,7 @@ class Sidecar:
         """Roles told by names alone: a mask on the head is the head's; one on the input embedding
         is the embedding's, except in version 1 files probed with `--include lm_head`: the probe never
         scores the input embedding, so there it is a tied head stored under the embedding's name."""
-        from .anatomy import KeyRules
+        from ..model.keys import KeyRules
 
         try:
             rules = KeyRules.of_config({"model_type": self.metadata.get("architecture")}, str(self.path))
@@ -412,7 +412,7 @@ def load_mask(path, update_ratio: float | None = None, base=None, *, revision: s
     if sidecar.has_scores and base is None:  # the scores already hold |W|: no base weights needed
         return {name: sidecar.recut(name, None, update_ratio) for name in sidecar.names}
     ckpt = open_base(sidecar, base)
-    from .anatomy import KeyRules, NameMap
+    from ..model.keys import KeyRules, NameMap
 
     rules = KeyRules.of_config(ckpt.config or {}, f"{ckpt.where}/config.json")
     nm = NameMap(ckpt.tensor_names(), rules, ckpt.where)
@@ -427,7 +427,7 @@ def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = Fa
                   revision: str | None = None) -> Path:
     """Write a copy of a sidecar (local, or a Hub reference at `revision`) whose masks are re-cut
     at `update_ratio` (statistics or scores kept). Never overwrites `out` without `force`."""
-    from .outputs import check_destination
+    from ..io.outputs import check_destination
 
     sidecar = Sidecar(path, revision)
     dest = check_destination(out, force, inputs=[sidecar.path])
@@ -439,7 +439,7 @@ def recut_sidecar(path, update_ratio: float, out, *, base=None, force: bool = Fa
 
 def open_base(sidecar: Sidecar, base=None):
     """The base checkpoint for re-cutting: `base` if given, else the one the sidecar records."""
-    from .checkpoint import Checkpoint, open_checkpoint
+    from ..io.checkpoint import Checkpoint, open_checkpoint
 
     if isinstance(base, Checkpoint):
         return base
@@ -485,7 +485,7 @@ def resolve_sidecar(ref: str | os.PathLike, revision: str | None = None) -> Path
         return path
     repo_id, filename = _hub_reference(text)
     where = text + (f"@{revision}" if revision else "")
-    from .checkpoint import _HubFiles, hub_cache_dir, hub_model_info, hub_offline
+    from ..io.checkpoint import _HubFiles, hub_cache_dir, hub_model_info, hub_offline
 
     if hub_offline():
         from huggingface_hub import snapshot_download

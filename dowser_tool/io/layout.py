@@ -22,7 +22,7 @@ from typing import BinaryIO, Iterable
 
 import torch
 
-from .errors import DowserError
+from ..errors import DowserError
 
 # The safetensors library refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000

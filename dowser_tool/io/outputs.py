@@ -13,7 +13,7 @@ import signal
 import tempfile
 from pathlib import Path
 
-from .errors import DowserError
+from ..errors import DowserError
 
 
 def check_destination(dest: str | os.PathLike, force: bool, inputs=()) -> Path:

@@ -35,13 +35,14 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
-from .anatomy import Anatomy, KeyRules, NameMap, Weight, _is_linear, natural_key
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import DowserError, reason
-from .outputs import atomic_dir, check_destination
-from .scoring import cut_mask, validate_ratio
-from .sidecar import OUTPUT_HEAD, PackedMask, Sidecar, SidecarData, write_sidecar
+from .. import __version__
+from ..model.anatomy import Anatomy, Weight, _is_linear
+from ..model.keys import KeyRules, NameMap, natural_key
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..errors import DowserError, reason
+from ..io.outputs import atomic_dir, check_destination
+from ..score import cut_mask, validate_ratio
+from ..sidecar.file import OUTPUT_HEAD, PackedMask, Sidecar, SidecarData, write_sidecar
 
 RELEASED_FORMAT = "Model-Dowser released scripts (per-module .pt)"
 MEAN, STD = "importance_matrix_mean", "importance_matrix_std"
@@ -356,7 +357,7 @@ def export_scores(sidecar, out: str | os.PathLike, *, base=None, base_revision: 
     if base is not None:
         ckpt = open_checkpoint(base, base_revision, allow_pickle=allow_pickle)
     else:
-        from .sidecar import open_base
+        from ..sidecar.file import open_base
 
         ckpt = open_base(sc)
     names = ReleasedNames(_anatomy(ckpt))

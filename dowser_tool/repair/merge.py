@@ -29,19 +29,17 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import (
-    ADAPTER_CONFIG, SAME_SIZE_INT, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint, same_bits,
-)
-from .errors import DowserError
-from .lora_merge import LoraAdapter, is_adapter
-from .anatomy import KeyRules, NameMap
-from .outputs import atomic_dir, check_destination
-from .safetensors_format import DTYPES, TORCH_TO_ST, itemsize
-from .sidecar import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar, weight_fingerprint
-from .repair import interpolate as blend
-from .merge_kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
-from .streaming import trim_heap
+from .. import __version__
+from ..io.checkpoint import (ADAPTER_CONFIG, SAME_SIZE_INT, PICKLE_INDEX, SAFETENSORS_INDEX, Checkpoint, open_checkpoint, same_bits)
+from ..errors import DowserError
+from .lora import LoraAdapter, is_adapter
+from ..model.keys import KeyRules, NameMap
+from ..io.outputs import atomic_dir, check_destination
+from ..io.layout import DTYPES, TORCH_TO_ST, itemsize
+from ..sidecar.file import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, resolve_sidecar, weight_fingerprint
+from .methods import interpolate as blend
+from .kernels import BufferPool, RangeWriter, apply_stored, intra_op_threads, read_tensor, repair_recut
+from ..model.streaming import trim_heap
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md, 8 seeds, both models, three depths):
 # as one setting nobody tunes, restoring the top 10% did as well as any single setting tried (mean H

@@ -21,15 +21,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import DowserError, reason
-from .safetensors_format import (
-    Header,
-    TensorEntry,
-    parse_header,
-    parse_header_length,
-    read_header,
-    tensor_from_bytes,
-)
+from ..errors import DowserError, reason
+from .layout import Header, TensorEntry, parse_header, parse_header_length, read_header, tensor_from_bytes
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"

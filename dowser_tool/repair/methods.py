@@ -48,8 +48,8 @@ from typing import Sequence
 
 import torch
 
-from .errors import DowserError
-from .scoring import cut_mask
+from ..errors import DowserError
+from ..score import cut_mask
 
 
 def _work(t: torch.Tensor) -> torch.Tensor:

@@ -6,9 +6,9 @@ import logging
 
 from transformers import TrainerCallback
 
-from .errors import DowserError
-from .sidecar import Sidecar, resolve_sidecar
-from .training import ProtectHandle, protect
+from ..errors import DowserError
+from ..sidecar.file import Sidecar, resolve_sidecar
+from .protect import ProtectHandle, protect
 
 logger = logging.getLogger(__name__)
 

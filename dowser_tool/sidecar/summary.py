@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from .errors import DowserError
-from .sidecar import Sidecar
+from ..errors import DowserError
+from .file import Sidecar
 
 
 def summarize(path) -> dict:

@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from . import __version__
-from .errors import DowserError
-from .outputs import atomic_file, check_destination
-from .sidecar import Sidecar
+from .. import __version__
+from ..errors import DowserError
+from ..io.outputs import atomic_file, check_destination
+from ..sidecar.file import Sidecar
 
 CARD_NAME = "README.md"
 TAGS = ["dowser", "model-dowser", "importance-mask"]

@@ -25,11 +25,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .errors import DowserError
-from .anatomy import KeyRules, match_names, peft_fold
-from .lora_merge import init_moves_base
-from .scoring import validate_ratio
-from .sidecar import Sidecar
+from ..errors import DowserError
+from ..model.keys import KeyRules, match_names, peft_fold
+from ..repair.lora import init_moves_base
+from ..score import validate_ratio
+from ..sidecar.file import Sidecar
 
 # Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
 # schedulefree, bitsandbytes). Gradient statistics of a protected entry are zeroed: its gradient is

@@ -33,9 +33,8 @@ import weakref
 import numpy as np
 import torch
 
-from .safetensors_format import StreamingWriter
-from .scoring import (PRODUCT_BLOCK, bracket_ranks, cut_mask, product_rows, score_blocks, score_factors,
-                      score_matrix, trainable_count)
+from ..io.layout import StreamingWriter
+from ..score import (PRODUCT_BLOCK, bracket_ranks, cut_mask, product_rows, score_blocks, score_factors, score_matrix, trainable_count)
 
 BLOCK_ENTRIES = PRODUCT_BLOCK  # entries per block of the selection passes: cache-resident
 SAMPLE = 1 << 16  # scores sampled to bracket the threshold (as scoring.kth_smallest)

@@ -27,15 +27,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .anatomy import Weight
-from .checkpoint import Checkpoint, open_checkpoint
-from .errors import DowserError
-from .probes import ImageProbe, Sampling, generate_text_probes, image_processor, load_probe_file
-from .scoring import cut_mask, score_matrix, validate_ratio
-from .sidecar import (OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, weight_fingerprint,
-                      write_sidecar)
+from ..model.anatomy import Weight
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..errors import DowserError
+from .prompts import ImageProbe, Sampling, generate_text_probes, image_processor, load_probe_file
+from ..score import cut_mask, score_matrix, validate_ratio
+from ..sidecar.file import (OUTPUT_HEAD, MaskSpill, PackedMask, SidecarData, default_sidecar_name, weight_fingerprint, write_sidecar)
 from .statistics import StatsRecorder
-from .streaming import BlockRunner, trim_heap
+from ..model.streaming import BlockRunner, trim_heap
 
 METHODS = ("dowser", "magnitude", "wanda", "random")
 ESTIMATORS = ("reference", "hutchinson")
@@ -225,8 +224,8 @@ class ResumeState:
         return self.path.is_file()
 
     def save(self, tokens, psi: dict, a: dict, done: int) -> None:
-        from .outputs import atomic_file
-        from .safetensors_format import TORCH_TO_ST, StreamingWriter
+        from ..io.outputs import atomic_file
+        from ..io.layout import TORCH_TO_ST, StreamingWriter
 
         tensors = {"tokens": tokens.long().contiguous()}
         for n in sorted(psi):
@@ -241,7 +240,7 @@ class ResumeState:
     def load(self):
         from safetensors import safe_open
 
-        from .safetensors_format import read_header
+        from ..io.layout import read_header
 
         meta = read_header(self.path).metadata
         if meta.get("fingerprint") != self.fingerprint:
@@ -784,7 +783,7 @@ def probe(model: str, out: str | None = None, *, revision: str | None = None, se
 
     Under torchrun the probe batches are split across processes and rank 0 writes.
     """
-    from .outputs import check_destination
+    from ..io.outputs import check_destination
 
     settings = settings or ProbeSettings()
     settings.validate()

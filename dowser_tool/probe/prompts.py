@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DowserError, reason
+from ..errors import DowserError, reason
 
 
 @dataclass(frozen=True)
@@ -164,7 +164,7 @@ def load_probe_file(path: str | Path) -> torch.Tensor:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
 
-        from .safetensors_format import read_header
+        from ..io.layout import read_header
 
         header = read_header(path)
         keys = [k for k in header.tensors if k in ("probe/token_ids", "token_ids")] or list(header.tensors)

@@ -27,9 +27,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checkpoint import ADAPTER_CONFIG, Checkpoint, same_bits
-from .errors import DowserError
-from .anatomy import KeyRules, peft_fold
+from ..io.checkpoint import ADAPTER_CONFIG, Checkpoint, same_bits
+from ..errors import DowserError
+from ..model.keys import KeyRules, peft_fold
 
 # `init_lora_weights` values that leave the base layer as it was loaded (peft/tuners/lora/layer.py,
 # `LoraLayer.update_layer`): True and "gaussian" zero B; "eva" and "mica" zero one factor;

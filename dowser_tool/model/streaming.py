@@ -43,8 +43,8 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy
-from .checkpoint import Checkpoint
-from .errors import DowserError
+from ..io.checkpoint import Checkpoint
+from ..errors import DowserError
 
 
 def _malloc_trim():

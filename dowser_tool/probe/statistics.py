@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .anatomy import Weight
+from ..model.anatomy import Weight
 
 
 def _reduce(t: torch.Tensor, rms: bool) -> torch.Tensor:

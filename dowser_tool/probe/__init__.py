@@ -1,0 +1,25 @@
+"""The probe: data-free Model-Dowser statistics and masks for one checkpoint (paper Sec. 3).
+
+Owns: the run's orchestration (`run`), probe prompts and images (`prompts`), and the hooks that
+record psi and a (`statistics`).
+
+May import: `dowser_tool.sidecar`, `dowser_tool.score`, `dowser_tool.model`, `dowser_tool.io`,
+`dowser_tool.errors`.
+"""
+
+from .run import ProbeSettings, parse_size, probe
+
+__all__ = ["ProbeSettings", "parse_size", "probe"]
+
+
+def __getattr__(name):
+    # `dowser_tool.probe` was one module before 0.2: its other names now live in `probe.run`.
+    from . import run
+
+    if hasattr(run, name) and not name.startswith("__"):
+        import warnings
+
+        warnings.warn(f"dowser_tool.probe.{name} moved to dowser_tool.probe.run.{name}; the old path goes in "
+                      "dowser-tool 0.3", DeprecationWarning, stacklevel=2)
+        return getattr(run, name)
+    raise AttributeError(f"module 'dowser_tool.probe' has no attribute {name!r}")

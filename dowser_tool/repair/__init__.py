@@ -1,0 +1,25 @@
+"""Repairing a fine-tuned checkpoint with a mask, streamed tensor by tensor.
+
+Owns: the merge (`merge`), its block kernels (`kernels`), adapters merged without peft (`lora`),
+and the post-hoc methods (`methods`: interpolation, TIES, DARE, Dowser-weighted repairs).
+
+May import: `dowser_tool.sidecar`, `dowser_tool.score`, `dowser_tool.model`, `dowser_tool.io`,
+`dowser_tool.errors`.
+"""
+
+from .merge import merge_checkpoint
+
+__all__ = ["merge_checkpoint"]
+
+
+def __getattr__(name):
+    # `dowser_tool.repair` was the module of post-hoc methods before 0.2 (now `repair.methods`).
+    from . import methods
+
+    if hasattr(methods, name) and not name.startswith("__"):
+        import warnings
+
+        warnings.warn(f"dowser_tool.repair.{name} moved to dowser_tool.repair.methods.{name}; the old path goes in "
+                      "dowser-tool 0.3", DeprecationWarning, stacklevel=2)
+        return getattr(methods, name)
+    raise AttributeError(f"module 'dowser_tool.repair' has no attribute {name!r}")

@@ -1,0 +1,21 @@
+"""The mask sidecar, `NAME.dowser.safetensors` (docs/FORMAT.md): the probe's output, every later
+stage's input.
+
+Owns: writing and reading the file, re-cutting masks from its statistics (`file`), and the
+summary `dowser inspect` prints (`summary`).
+
+May import: `dowser_tool.score`, `dowser_tool.model`, `dowser_tool.io`, `dowser_tool.errors`.
+"""
+
+from .file import Sidecar, SidecarData, load_mask, resolve_sidecar, write_sidecar
+
+__all__ = ["Sidecar", "SidecarData", "load_mask", "resolve_sidecar", "write_sidecar"]
+
+
+def __getattr__(name):
+    # `dowser_tool.sidecar` was one module before 0.2; every name of it is still reachable here.
+    from . import file
+
+    if hasattr(file, name) and not name.startswith("__"):
+        return getattr(file, name)
+    raise AttributeError(f"module 'dowser_tool.sidecar' has no attribute {name!r}")

@@ -13,8 +13,8 @@ from . import user_errors
 @user_errors
 def inspect(sidecar, revision, as_json, plot_png):
     """Show provenance and per-tensor protected fractions of a sidecar (a file, or a Hub REPO_ID or REPO_ID/FILE)."""
+    from ..sidecar.resolve import resolve_sidecar  # torch-free, as is the summary: inspect starts at once
     from ..sidecar.summary import format_json, format_text, plot, summarize
-    from ..sidecar.file import resolve_sidecar
 
     summary = summarize(resolve_sidecar(sidecar, revision))
     click.echo(format_json(summary) if as_json else format_text(summary))

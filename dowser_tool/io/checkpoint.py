@@ -13,13 +13,16 @@ PyTorch pickles are refused unless `allow_pickle=True` (then `weights_only=True`
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import DowserError, reason
 from .layout import Header, TensorEntry, parse_header, parse_header_length, read_header, tensor_from_bytes
@@ -390,6 +393,8 @@ class Checkpoint:
 
     def _pickled(self, file: str) -> dict:
         if file not in self._handles:
+            import torch
+
             try:
                 sd = torch.load(str(self._files.path(file)), map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:
@@ -400,17 +405,31 @@ class Checkpoint:
         return self._handles[file]
 
 
-# A dtype's bits as an integer type of the same width (bitwise comparison and selection).
-SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+@functools.cache
+def _same_size_int() -> dict:
+    import torch
+
+    # A dtype's bits as an integer type of the same width (bitwise comparison and selection).
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def __getattr__(name):
+    # torch is imported where a tensor is made, not here, so that finding files (`resolve_sidecar`,
+    # `dowser inspect`) stays torch-free. SAME_SIZE_INT needs torch: built on first access.
+    if name == "SAME_SIZE_INT":
+        return _same_size_int()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether two tensors hold the same dtype, shape and bytes (NaN payloads and -0.0 included)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
+    import torch
+
     if a.dtype == torch.bool:
         return torch.equal(a, b)
-    as_int = SAME_SIZE_INT[a.element_size()]
+    as_int = _same_size_int()[a.element_size()]
     return torch.equal(a.contiguous().view(as_int), b.contiguous().view(as_int))
 
 

@@ -17,36 +17,56 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable
+from typing import TYPE_CHECKING, BinaryIO, Iterable
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from ..errors import DowserError
 
 # The safetensors library refuses headers above 100 MB; so do we, before allocating.
 MAX_HEADER_BYTES = 100_000_000
 
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+# Bytes per element of each safetensors dtype string. Parsing and checking headers needs only this,
+# so reading a header (`dowser inspect`) never imports torch.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+    "F8_E4M3": 1, "F8_E5M2": 1,
 }
-if hasattr(torch, "float8_e4m3fn"):
-    DTYPES["F8_E4M3"] = torch.float8_e4m3fn
-    DTYPES["F8_E5M2"] = torch.float8_e5m2
-TORCH_TO_ST = {v: k for k, v in DTYPES.items()}
+
+# safetensors dtype string -> torch dtype name; `DTYPES` and `TORCH_TO_ST` are built from it on first use.
+_TORCH_NAMES = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64", "I32": "int32",
+    "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
+_torch_maps: tuple[dict, dict] | None = None
+
+
+def _dtype_maps() -> tuple[dict, dict]:
+    """(DTYPES: str -> torch.dtype, TORCH_TO_ST: torch.dtype -> str), built once (imports torch)."""
+    global _torch_maps
+    if _torch_maps is None:
+        import torch
+
+        dtypes = {st: getattr(torch, name) for st, name in _TORCH_NAMES.items() if hasattr(torch, name)}
+        _torch_maps = (dtypes, {v: k for k, v in dtypes.items()})
+    return _torch_maps
+
+
+def __getattr__(name):
+    # DTYPES (str -> torch.dtype) and TORCH_TO_ST (torch.dtype -> str) need torch: built on first access.
+    if name == "DTYPES":
+        return _dtype_maps()[0]
+    if name == "TORCH_TO_ST":
+        return _dtype_maps()[1]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def itemsize(st_dtype: str) -> int:
-    return torch.empty((), dtype=DTYPES[st_dtype]).element_size()
+    return ITEMSIZE[st_dtype]
 
 
 @dataclass(frozen=True)
@@ -69,7 +89,7 @@ class TensorEntry:
 
     @property
     def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return _dtype_maps()[0][self.dtype]
 
 
 @dataclass(frozen=True)
@@ -114,7 +134,7 @@ def parse_header(raw: bytes, file_size: int, where: str) -> Header:
         if not isinstance(spec, dict):
             raise DowserError(f"{where}: tensor {name!r} has no dtype/shape/data_offsets")
         dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in DTYPES:
+        if dtype not in ITEMSIZE:
             raise DowserError(f"{where}: tensor {name!r} has unsupported dtype {dtype!r}")
         if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
             raise DowserError(f"{where}: tensor {name!r} has an invalid shape {shape!r}")
@@ -161,6 +181,8 @@ def read_header(path: str | os.PathLike) -> Header:
 
 def tensor_from_bytes(buf: bytes | bytearray | memoryview, entry: TensorEntry) -> torch.Tensor:
     """A tensor over a copy of `buf` (which holds exactly the entry's bytes)."""
+    import torch
+
     if entry.numel == 0:
         return torch.empty(entry.shape, dtype=entry.torch_dtype)
     t = torch.frombuffer(bytearray(buf), dtype=entry.torch_dtype)
@@ -169,6 +191,8 @@ def tensor_from_bytes(buf: bytes | bytearray | memoryview, entry: TensorEntry) -
 
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """The little-endian bytes of a tensor (contiguous, CPU), without a copy where possible."""
+    import torch
+
     t = t.detach().to("cpu").contiguous()
     if t.numel() == 0:
         return memoryview(b"")
@@ -224,8 +248,9 @@ class StreamingWriter:
         exp_name, dtype, shape, nbytes = self._order[self._next]
         if name != exp_name:
             raise ValueError(f"expected tensor {exp_name!r} next, got {name!r}")
-        if isinstance(data, torch.Tensor):
-            if TORCH_TO_ST.get(data.dtype) != dtype or tuple(data.shape) != shape:
+        torch = sys.modules.get("torch")  # without torch imported, `data` cannot be a tensor
+        if torch is not None and isinstance(data, torch.Tensor):
+            if _dtype_maps()[1].get(data.dtype) != dtype or tuple(data.shape) != shape:
                 raise ValueError(f"{name}: got {data.dtype}{list(data.shape)}, header says {dtype}{list(shape)}")
             data = tensor_bytes(data)
         if len(data) != nbytes:

@@ -14,8 +14,9 @@ A plain safetensors file:
   and (version 2) `roles`: which masks belong to the output head or input
   embedding, since a tied head is stored under the embedding's name.
 
-A sidecar may live on the Hugging Face Hub: `resolve_sidecar` turns a reference (a local
-path, `REPO_ID` or `REPO_ID/FILE`) into a local file, and every reader goes through it.
+A sidecar may live on the Hugging Face Hub: `resolve_sidecar` (`resolve`, re-exported here) turns
+a reference (a local path, `REPO_ID` or `REPO_ID/FILE`) into a local file, and every reader goes
+through it. The header checks are `SidecarHeader`'s (`header`, torch-free), which `Sidecar` extends.
 """
 
 from __future__ import annotations
@@ -31,17 +32,12 @@ import torch
 from .. import __version__
 from ..errors import DowserError
 from ..io.outputs import atomic_file
-from ..io.layout import TORCH_TO_ST, StreamingWriter, read_header
+from ..io.layout import TORCH_TO_ST, StreamingWriter
 from ..score import cut_mask, score_matrix, validate_ratio
-
-FORMAT_NAME = "dowser-mask"
-FORMAT_VERSION = 2  # 2: adds the `roles` metadata; version 1 files are still read (roles inferred)
-SUFFIX = ".dowser.safetensors"
-OUTPUT_HEAD, INPUT_EMBEDDING = "output_head", "input_embedding"
-ROLES = (OUTPUT_HEAD, INPUT_EMBEDDING)
-
-# Full score matrices (`score/<name>`) are kept in the dtype they came in; cutting reads them as float32.
-SCORE_DTYPES = ("F32", "BF16", "F16")
+from .header import (  # noqa: F401  (the format's names, here since 0.1)
+    FORMAT_NAME, FORMAT_VERSION, INPUT_EMBEDDING, OUTPUT_HEAD, ROLES, SCORE_DTYPES, SUFFIX, SidecarHeader,
+    _checked_roles)
+from .resolve import _hub_reference, _single_sidecar, resolve_sidecar  # noqa: F401  (found here since 0.1)
 
 _BIT_WEIGHTS = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
 
@@ -206,18 +202,7 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     return path
 
 
-def _checked_roles(roles, names, where: str) -> dict[str, str]:
-    if not isinstance(roles, dict):
-        raise DowserError(f"{where}: roles must be a JSON object {{mask name: role}}")
-    for name, role in roles.items():
-        if name not in names:
-            raise DowserError(f"{where}: roles names {name!r}, which has no mask")
-        if role not in ROLES:
-            raise DowserError(f"{where}: role {role!r} of {name!r} is not one of {', '.join(ROLES)}")
-    return dict(roles)
-
-
-class Sidecar:
+class Sidecar(SidecarHeader):
     """A sidecar opened for reading; tensors are read lazily (memory-mapped).
 
     `path`: a local file or folder, or a Hub reference `REPO_ID` / `REPO_ID/FILE` at `revision`
@@ -235,83 +220,7 @@ class Sidecar:
     """
 
     def __init__(self, path: str | os.PathLike, revision: str | None = None):
-        self.path = resolve_sidecar(path, revision)
-        where = str(self.path)
-        if not self.path.is_file():
-            raise DowserError(f"{where}: no such file")
-        header = read_header(self.path)
-        meta = header.metadata
-        if meta.get("format") != FORMAT_NAME:
-            raise DowserError(f"{where}: not a dowser sidecar (format {meta.get('format')!r})")
-        try:
-            version = int(meta.get("format_version", ""))
-        except ValueError:
-            raise DowserError(f"{where}: unreadable format_version {meta.get('format_version')!r}") from None
-        if version > FORMAT_VERSION:
-            raise DowserError(
-                f"{where}: format version {version} is newer than this tool reads ({FORMAT_VERSION}); upgrade dowser-tool"
-            )
-        self.metadata: dict = {}
-        for key, value in meta.items():
-            try:
-                self.metadata[key] = json.loads(value)
-            except json.JSONDecodeError:
-                self.metadata[key] = value
-        self.shapes: dict[str, tuple[int, ...]] = {k: tuple(v) for k, v in self.metadata.get("tensors", {}).items()}
-        for name, shape in self.shapes.items():
-            entry = header.tensors.get(f"mask/{name}")
-            if entry is None or entry.dtype != "U8" or entry.numel != (math.prod(shape) + 7) // 8:
-                raise DowserError(f"{where}: mask of {name!r} is missing or has the wrong size for shape {list(shape)}")
-        self.has_factors = bool(self.metadata.get("has_stats")) and "stats/update_weights" in header.tensors
-        self.has_scores = self.metadata.get("has_scores") is True
-        if self.has_scores:
-            if self.has_factors:
-                raise DowserError(f"{where}: holds both score statistics (psi/, a/) and full scores (score/); "
-                                  "a sidecar holds one or the other")
-            for name, shape in self.shapes.items():
-                entry = header.tensors.get(f"score/{name}")
-                if entry is None or entry.dtype not in SCORE_DTYPES or tuple(entry.shape) != shape:
-                    raise DowserError(f"{where}: score of {name!r} is missing or is not an "
-                                      f"{'/'.join(SCORE_DTYPES)} tensor of shape {list(shape)}")
-        self.has_stats = self.has_factors or self.has_scores
-        self._keys = set(header.tensors)
-        self.version = version
-        recorded = _checked_roles(self.metadata.get("roles", {}), self.shapes, where) if version >= 2 else {}
-        self._recorded_roles = recorded
-
-    def _inferred_roles(self) -> dict[str, str]:
-        """Roles told by names alone: a mask on the head is the head's; one on the input embedding
-        is the embedding's, except in version 1 files probed with `--include lm_head`: the probe never
-        scores the input embedding, so there it is a tied head stored under the embedding's name."""
-        from ..model.keys import KeyRules
-
-        try:
-            rules = KeyRules.of_config({"model_type": self.metadata.get("architecture")}, str(self.path))
-        except DowserError:
-            return {}
-        if not rules.known:
-            return {}  # a family transformers does not know: no roles by name
-        tied_head = self.version < 2 and "lm_head" in (self.metadata.get("include") or [])
-        roles = {}
-        for name in self.shapes:
-            canon = rules.canonical(name)
-            if canon == rules.head:
-                roles[name] = OUTPUT_HEAD
-            elif canon == rules.embed:
-                roles[name] = OUTPUT_HEAD if tied_head else INPUT_EMBEDDING
-        return roles
-
-    @property
-    def roles(self) -> dict[str, str]:
-        """Mask name -> OUTPUT_HEAD / INPUT_EMBEDDING: recorded (version 2), else inferred (version 1)."""
-        if not hasattr(self, "_roles"):
-            inferred = self._inferred_roles() if self.version < 2 else {}  # version 2 records them
-            self._roles = {**inferred, **self._recorded_roles}
-        return self._roles
-
-    @property
-    def names(self) -> list[str]:
-        return list(self.shapes)
+        super().__init__(resolve_sidecar(path, revision))
 
     def _get(self, key: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -451,95 +360,3 @@ def open_base(sidecar: Sidecar, base=None):
     if Path(rec["id"]).is_dir():
         return open_checkpoint(rec["id"])
     return open_checkpoint(rec["id"], rec.get("sha") or rec.get("revision"))
-
-
-# ---- sidecars on the Hub ---------------------------------------------------------------------------
-def resolve_sidecar(ref: str | os.PathLike, revision: str | None = None) -> Path:
-    """The local file a sidecar reference names; the one place where sidecars are found.
-
-    `ref` is, in this order:
-    - an existing local file: returned as it is (a local path always wins over the Hub);
-    - an existing local folder holding exactly one `*.dowser.safetensors` (at any depth);
-    - a Hub model repo `REPO_ID` ("org/name"): its single `*.dowser.safetensors` file;
-    - `REPO_ID/FILE`: the file FILE (a path inside the repo) of that repo.
-    `revision` (branch, tag or commit) pins a Hub repo; it is refused for local paths.
-
-    Hub files are listed with `HfApi.model_info` (the file list at the commit the revision
-    resolves to) and downloaded with `hf_hub_download` at that commit into the standard HF
-    cache (HF_HUB_CACHE / HF_HOME, HF_ENDPOINT and HF_TOKEN honoured). With HF_HUB_OFFLINE=1
-    nothing is requested: the cached snapshot of the revision (`snapshot_download(...,
-    local_files_only=True)`) is read instead, so a sidecar downloaded once keeps working
-    offline. Raises DowserError (one line) when nothing matches, when a repo holds no sidecar
-    or several (listed), or when the Hub cannot be reached.
-    """
-    text = os.fspath(ref)
-    path = Path(text).expanduser()
-    if path.exists():
-        if revision:
-            raise DowserError(f"{text}: a revision applies to Hub sidecars, not to local files")
-        if path.is_dir():
-            files = sorted(str(p.relative_to(path)) for p in path.rglob(f"*{SUFFIX}") if p.is_file())
-            if not files:
-                raise DowserError(f"{text}: no such file: it is a folder, and holds no *{SUFFIX} file")
-            return path / _single_sidecar(files, text, text.rstrip("/"))
-        return path
-    repo_id, filename = _hub_reference(text)
-    where = text + (f"@{revision}" if revision else "")
-    from ..io.checkpoint import _HubFiles, hub_cache_dir, hub_model_info, hub_offline
-
-    if hub_offline():
-        from huggingface_hub import snapshot_download
-
-        try:
-            folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True,
-                                            cache_dir=hub_cache_dir()))
-        except Exception:
-            raise DowserError(f"{where}: no such local file, and HF_HUB_OFFLINE is set but {repo_id}"
-                              f"{' at ' + revision if revision else ''} is not in the HF cache") from None
-        files = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
-        name = filename or _single_sidecar(files, f"{where} (HF cache, offline)", repo_id)
-        if name not in files:
-            raise DowserError(f"{where}: HF_HUB_OFFLINE is set and {name} of {repo_id} is not in the HF cache")
-        return folder / name
-    info = hub_model_info(repo_id, revision, where, f"no such local file, and no repo {repo_id}",
-                          "; set HF_HUB_OFFLINE=1 to use the HF cache")
-    files = sorted(s.rfilename for s in (info.siblings or []))
-    at = f"{repo_id}@{info.sha[:12]}"
-    name = filename or _single_sidecar(files, at, repo_id)
-    if name not in files:
-        found = [f for f in files if f.endswith(SUFFIX)]
-        raise DowserError(f"{where}: {at} has no file {name!r} (its sidecars: {', '.join(found) or 'none'})")
-    return _HubFiles(repo_id, info.sha, files, True, revision).path(name)
-
-
-def _hub_reference(text: str) -> tuple[str, str | None]:
-    """`org/name` -> (repo id, None); `org/name/FILE` -> (repo id, FILE); else "no such file".
-    A two-part reference that ends in `.safetensors` is a missing local file, not a repo."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    parts = text.split("/")
-    local = (text.startswith((".", "/", "~")) or "\\" in text or len(parts) < 2 or not all(parts)
-             or (len(parts) == 2 and text.endswith(".safetensors")))
-    repo_id, filename = "/".join(parts[:2]), "/".join(parts[2:]) or None
-    if not local:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            local = True
-    if local:
-        raise DowserError(f"{text}: no such file")
-    return repo_id, filename
-
-
-def _single_sidecar(files: list[str], where: str, prefix: str) -> str:
-    """The one `*.dowser.safetensors` among `files` (relative names); DowserError for none or several
-    (naming them as `prefix/FILE`, the reference that picks one)."""
-    found = [f for f in files if f.endswith(SUFFIX)]
-    if len(found) == 1:
-        return found[0]
-    if not found:
-        shown = ", ".join(files[:5]) + (f", ... ({len(files)} files)" if len(files) > 5 else "")
-        raise DowserError(f"{where}: holds no *{SUFFIX} file ({shown or 'no files'})")
-    raise DowserError(f"{where}: holds {len(found)} sidecars ({', '.join(found)}); name one, "
-                      f"e.g. {prefix}/{found[0]}")

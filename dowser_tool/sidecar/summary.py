@@ -3,24 +3,28 @@
 from __future__ import annotations
 
 import json
+import math
 
 from ..errors import DowserError
-from .file import Sidecar
+from .header import SidecarHeader
 
 
 def summarize(path) -> dict:
-    """Provenance and one row per scored tensor (name, shape, protected fraction)."""
-    sc = Sidecar(path)
+    """Provenance and one row per scored tensor (name, shape, protected fraction).
+
+    Reads the header and counts the set bits of each packed mask: no torch, so `dowser inspect`
+    starts at once. `path` is a local sidecar file (`resolve_sidecar` finds one)."""
+    sc = SidecarHeader(path)
     rows = []
     total = protected = 0
     info = sc.metadata.get("tensor_info") or {}
     for name in sc.names:
-        m = sc.mask(name)
-        n, p = m.numel(), int(m.sum())
+        shape = sc.shapes[name]
+        n, p = math.prod(shape), sc.protected_count(name)
         total += n
         protected += p
         t = info.get(name) or {}
-        rows.append({"tensor": name, "shape": list(m.shape), "protected_fraction": p / n if n else 0.0,
+        rows.append({"tensor": name, "shape": list(shape), "protected_fraction": p / n if n else 0.0,
                      "kind": t.get("kind"), "layer": t.get("layer")})
     meta = {k: v for k, v in sc.metadata.items() if k not in ("tensors", "tensor_info")}
     return {

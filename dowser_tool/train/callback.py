@@ -10,7 +10,7 @@ from ..errors import DowserError
 from ..sidecar.file import Sidecar, resolve_sidecar
 from .protect import ProtectHandle, protect
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("dowser_tool.integrations")  # the 0.1 name: users' logging config still applies
 
 
 class DowserCallback(TrainerCallback):

@@ -42,71 +42,14 @@ def hub_model_id(model_id: str | None) -> str | None:
     return model_id
 
 
-def model_card(sidecar: Sidecar | str | os.PathLike, repo_id: str | None = None):
-    """The card of a sidecar as a `huggingface_hub.ModelCard`.
+# The card's Markdown after its YAML block; `str.format` fields are filled by `model_card`.
+CARD_BODY = """
+# Dowser mask for {title}
 
-    Metadata: `base_model` (when the base is a Hub repo), `library_name: dowser-tool`, `tags`
-    (`dowser`, `model-dowser`, `importance-mask` and the method). Text: what the file is,
-    the base model and commit, the settings it was made with, and the merge / protect /
-    DowserCallback commands that use it, with `repo_id` (the repository the folder will be
-    uploaded to; "ORG/NAME" when not given) as the sidecar reference.
-    """
-    from huggingface_hub import ModelCard, ModelCardData
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
-    if repo_id is not None:
-        try:
-            validate_repo_id(repo_id)
-        except HFValidationError:
-            raise DowserError(f"{repo_id}: not a Hub repo id (expected ORG/NAME)") from None
-    sc = sidecar if isinstance(sidecar, Sidecar) else Sidecar(sidecar)
-    meta = sc.metadata
-    base = meta.get("base_model") or {}
-    base_id, sha = base.get("id"), base.get("sha")
-    hub_base = hub_model_id(base_id)
-    method = meta.get("method") or "dowser"
-    data = ModelCardData(base_model=hub_base, library_name="dowser-tool", tags=TAGS + [f"method-{method}"])
-    ref = repo_id or REPO_STAND_IN
-    base_text = f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base_id or 'unknown'}`"
-    at = f" at commit `{sha}`" if sha else ""
-    total = protected = 0
-    for name in sc.names:
-        m = sc.mask(name)
-        total += m.numel()
-        protected += int(m.sum())
-    rows = [("base model", f"{base_id or 'unknown'}" + (f" @ `{sha}`" if sha else "")),
-            ("architecture", meta.get("architecture") or "?"),
-            ("method", method),
-            ("estimator", meta.get("estimator") or "none"),
-            ("update ratio", f"{meta.get('update_ratio', '?')} (fraction of each matrix left trainable)"),
-            ("decoder layers", _layers_text(meta.get("layers"))),
-            ("also scored", ", ".join(meta.get("include") or []) or "nothing else")]
-    probe = meta.get("probe")
-    if isinstance(probe, dict):
-        rows.append(("probes", ", ".join(f"{k} {v}" for k, v in sorted(probe.items()) if not isinstance(v, dict))))
-    imported = meta.get("imported")
-    if isinstance(imported, dict):
-        rows.append(("imported from", f"{imported.get('format', '?')} ({imported.get('files', '?')} files)"))
-    recut = ("full score matrices: masks can be re-cut at any ratio" if sc.has_scores else
-             "saved: masks can be re-cut at any ratio" if sc.has_stats else "not saved: only this mask")
-    rows += [("scores", recut),
-             ("scored", f"{len(sc.names)} tensors, {total:,} weights, {protected / max(total, 1):.4f} protected"),
-             ("written by", f"dowser-tool {meta.get('tool_version', __version__)}")]
-    table = "\n".join(["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
-    stand_in = ("" if repo_id else
-                f"\n`{REPO_STAND_IN}` stands for the id of the repository this card is in.\n")
-    base_arg = hub_base or (base_id or "BASE")
-    pin = f" --base-revision {sha}" if sha and hub_base else ""
-    repair = ("restores, from the base, the 10% of each masked matrix with the highest scores (`--restore 0.1`)"
-              if sc.has_stats else "restores the entries this mask protects")
-    body = f"""
-# Dowser mask for {hub_base or Path(base_id or 'the base model').name}
-
-`{sc.path.name}` is a Model-Dowser mask sidecar for {base_text}{at}. For every scored weight
+`{file}` is a Model-Dowser mask sidecar for {base_text}{at}. For every scored weight
 matrix it holds one bit per entry: set bits mark the entries that carry what the pretrained
 model knows (protected), cleared bits the entries left free for fine-tuning. It is a plain
-safetensors file (`mask/<tensor>` bit-packed masks{', score statistics' if sc.has_stats else ''}
+safetensors file (`mask/<tensor>` bit-packed masks{stats_part}
 and JSON provenance in the header metadata), read by dowser-tool.
 
 ## How it was made
@@ -134,7 +77,88 @@ trainer = Trainer(..., callbacks=[DowserCallback("{ref}")])    # Trainer, or TRL
 Inspect it: `dowser inspect {ref}`. Pin a commit with `--mask-revision` (merge), `--revision`
 (inspect, mask) or `revision=` (Python).
 """
+
+
+def model_card(sidecar: Sidecar | str | os.PathLike, repo_id: str | None = None):
+    """The card of a sidecar as a `huggingface_hub.ModelCard`.
+
+    Metadata: `base_model` (when the base is a Hub repo), `library_name: dowser-tool`, `tags`
+    (`dowser`, `model-dowser`, `importance-mask` and the method). Text: what the file is,
+    the base model and commit, the settings it was made with, and the merge / protect /
+    DowserCallback commands that use it, with `repo_id` (the repository the folder will be
+    uploaded to; "ORG/NAME" when not given) as the sidecar reference.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    _check_repo_id(repo_id)
+    sc = sidecar if isinstance(sidecar, Sidecar) else Sidecar(sidecar)
+    meta = sc.metadata
+    base = meta.get("base_model") or {}
+    base_id, sha = base.get("id"), base.get("sha")
+    hub_base = hub_model_id(base_id)
+    method = meta.get("method") or "dowser"
+    data = ModelCardData(base_model=hub_base, library_name="dowser-tool", tags=TAGS + [f"method-{method}"])
+    ref = repo_id or REPO_STAND_IN
+    body = CARD_BODY.format(
+        title=hub_base or Path(base_id or "the base model").name,
+        file=sc.path.name,
+        base_text=f"[{hub_base}](https://huggingface.co/{hub_base})" if hub_base else f"`{base_id or 'unknown'}`",
+        at=f" at commit `{sha}`" if sha else "",
+        stats_part=", score statistics" if sc.has_stats else "",
+        table=_table(_settings(sc, method, base_id, sha)),
+        stand_in="" if repo_id else f"\n`{REPO_STAND_IN}` stands for the id of the repository this card is in.\n",
+        repair=("restores, from the base, the 10% of each masked matrix with the highest scores (`--restore 0.1`)"
+                if sc.has_stats else "restores the entries this mask protects"),
+        base_arg=hub_base or (base_id or "BASE"),
+        pin=f" --base-revision {sha}" if sha and hub_base else "",
+        ref=ref)
     return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def _check_repo_id(repo_id: str | None) -> None:
+    """DowserError unless `repo_id` is None or a valid Hub repo id."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id is not None:
+        try:
+            validate_repo_id(repo_id)
+        except HFValidationError:
+            raise DowserError(f"{repo_id}: not a Hub repo id (expected ORG/NAME)") from None
+
+
+def _settings(sc: Sidecar, method: str, base_id: str | None, sha: str | None) -> list[tuple[str, str]]:
+    """The card's "How it was made" rows (setting, value), from what the sidecar records."""
+    meta = sc.metadata
+    total = protected = 0
+    for name in sc.names:
+        m = sc.mask(name)
+        total += m.numel()
+        protected += int(m.sum())
+    rows = [("base model", f"{base_id or 'unknown'}" + (f" @ `{sha}`" if sha else "")),
+            ("architecture", meta.get("architecture") or "?"),
+            ("method", method),
+            ("estimator", meta.get("estimator") or "none"),
+            ("update ratio", f"{meta.get('update_ratio', '?')} (fraction of each matrix left trainable)"),
+            ("decoder layers", _layers_text(meta.get("layers"))),
+            ("also scored", ", ".join(meta.get("include") or []) or "nothing else")]
+    probe = meta.get("probe")
+    if isinstance(probe, dict):
+        rows.append(("probes", ", ".join(f"{k} {v}" for k, v in sorted(probe.items()) if not isinstance(v, dict))))
+    imported = meta.get("imported")
+    if isinstance(imported, dict):
+        rows.append(("imported from", f"{imported.get('format', '?')} ({imported.get('files', '?')} files)"))
+    recut = ("full score matrices: masks can be re-cut at any ratio" if sc.has_scores else
+             "saved: masks can be re-cut at any ratio" if sc.has_stats else "not saved: only this mask")
+    rows += [("scores", recut),
+             ("scored", f"{len(sc.names)} tensors, {total:,} weights, {protected / max(total, 1):.4f} protected"),
+             ("written by", f"dowser-tool {meta.get('tool_version', __version__)}")]
+    return rows
+
+
+def _table(rows: list[tuple[str, str]]) -> str:
+    """A two-column Markdown table of (setting, value) rows."""
+    return "\n".join(["| setting | value |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in rows])
 
 
 def write_model_card(sidecar: str | os.PathLike, *, repo_id: str | None = None, force: bool = False) -> Path:

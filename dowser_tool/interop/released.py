@@ -273,19 +273,10 @@ def import_scores(folder: str | os.PathLike, base: str | os.PathLike, out: str |
     """
     update_ratio = validate_ratio(update_ratio)
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise DowserError(f"{folder}: no such folder")
-    paths = sorted(folder.glob("*.pt"), key=lambda p: natural_key(p.stem.replace("_", ".")))
-    if not paths:
-        raise DowserError(f"{folder}: holds no *.pt score files")
+    paths = _score_paths(folder)
     dest = check_destination(out, force, inputs=[folder, base])
     ckpt = open_checkpoint(base, base_revision, allow_pickle=allow_pickle)
-    files = [read_score_file(p) for p in paths]
-    seen: dict[str, Path] = {}
-    for f in files:
-        if f.name in seen:
-            raise DowserError(f"{folder}: {seen[f.name].name} and {f.path.name} both hold the scores of {f.name!r}")
-        seen[f.name] = f.path
+    files = _read_score_files(paths, folder)
     weights = ReleasedNames(_anatomy(ckpt)).weights_of([f.name for f in files], str(folder))
     data = SidecarData(masks={}, roles={})
     info, keys = {}, {}
@@ -294,23 +285,62 @@ def import_scores(folder: str | os.PathLike, base: str | os.PathLike, out: str |
         if w.key in keys:
             raise DowserError(f"{folder}: {keys[w.key].name} and {f.path.name} both map to {w.key!r}")
         keys[w.key] = f.path
-        base_shape = tuple(ckpt.shape(w.key))
-        if f.w_shape != base_shape:
-            raise DowserError(f"{f.path}: scores {f.name!r} with shape {list(f.w_shape)}, but BASE's {w.key!r} "
-                              f"is {list(base_shape)}")
-        if f.w_fro is not None:
-            fro = _frobenius(ckpt.read(w.key))
-            if abs(f.w_fro - fro) > FRO_TOLERANCE * max(fro, 1e-30):
-                raise DowserError(f"{f.path}: was scored on weights of Frobenius norm {f.w_fro:.6g}, but BASE's "
-                                  f"{w.key!r} has {fro:.6g}: these scores are not of this BASE")
+        _check_against_base(f, w, ckpt)
         data.masks[w.key] = PackedMask.of(cut_mask(f.mean.float(), update_ratio))
         data.scores[w.key] = f.mean
         if w.part == "lm_head":
             data.roles[w.key] = OUTPUT_HEAD  # also when tied: stored under the embedding's name
         info[w.key] = _tensor_info(w, f.name, f.num_samples)
+    data.info = _imported_record(ckpt, folder, files, weights, update_ratio, info)
+    write_sidecar(dest, data)
+    numel = sum(m.numel() for m in data.masks.values())
+    return {"path": str(dest), "tensors": len(files), "weights": numel,
+            "protected_fraction": sum(m.protected() for m in data.masks.values()) / numel}
+
+
+def _score_paths(folder: Path) -> list[Path]:
+    """The `*.pt` files of the scripts' `--save-dir`, in natural order of their module names;
+    DowserError for a missing folder or one without score files."""
+    if not folder.is_dir():
+        raise DowserError(f"{folder}: no such folder")
+    paths = sorted(folder.glob("*.pt"), key=lambda p: natural_key(p.stem.replace("_", ".")))
+    if not paths:
+        raise DowserError(f"{folder}: holds no *.pt score files")
+    return paths
+
+
+def _read_score_files(paths: list[Path], folder: Path) -> list[ScoreFile]:
+    """Every score file read (`read_score_file`); DowserError if two hold the scores of one module."""
+    files = [read_score_file(p) for p in paths]
+    seen: dict[str, Path] = {}
+    for f in files:
+        if f.name in seen:
+            raise DowserError(f"{folder}: {seen[f.name].name} and {f.path.name} both hold the scores of {f.name!r}")
+        seen[f.name] = f.path
+    return files
+
+
+def _check_against_base(f: ScoreFile, w: Weight, ckpt: Checkpoint) -> None:
+    """DowserError unless the file was scored on BASE's tensor: same shape and, when the file
+    records it, the same Frobenius norm (within FRO_TOLERANCE)."""
+    base_shape = tuple(ckpt.shape(w.key))
+    if f.w_shape != base_shape:
+        raise DowserError(f"{f.path}: scores {f.name!r} with shape {list(f.w_shape)}, but BASE's {w.key!r} "
+                          f"is {list(base_shape)}")
+    if f.w_fro is not None:
+        fro = _frobenius(ckpt.read(w.key))
+        if abs(f.w_fro - fro) > FRO_TOLERANCE * max(fro, 1e-30):
+            raise DowserError(f"{f.path}: was scored on weights of Frobenius norm {f.w_fro:.6g}, but BASE's "
+                              f"{w.key!r} has {fro:.6g}: these scores are not of this BASE")
+
+
+def _imported_record(ckpt: Checkpoint, folder: Path, files: list[ScoreFile], weights: dict, update_ratio: float,
+                     info: dict) -> dict:
+    """The sidecar's provenance for imported scores, as `dowser probe` records its own (base, method,
+    settings, per-tensor info) plus where and in what format the scores came from."""
     samples = sorted({f.num_samples for f in files if f.num_samples is not None})
     parts = {w.part for w in weights.values()}
-    data.info = {
+    return {
         "base_model": _base_record(ckpt),
         "architecture": (ckpt.config or {}).get("model_type"),
         "method": "dowser",
@@ -326,10 +356,6 @@ def import_scores(folder: str | os.PathLike, base: str | os.PathLike, out: str |
                                                                      for f in files}),
                      "tool_version": __version__},
     }
-    write_sidecar(dest, data)
-    numel = sum(m.numel() for m in data.masks.values())
-    return {"path": str(dest), "tensors": len(files), "weights": numel,
-            "protected_fraction": sum(m.protected() for m in data.masks.values()) / numel}
 
 
 # ---- export ---------------------------------------------------------------------------------------

@@ -54,10 +54,13 @@ class _Guard:
     values: torch.Tensor | None  # the protected entries, in order (param dtype); None = all zero
     _on_device: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        self.mask = _shard_of(self.param, self.mask)  # a DTensor (FSDP2) parameter: this rank's part
+
     @classmethod
     def keep(cls, name, param, mask):
         guard = cls(name, param, mask, None)
-        guard.values = param.detach()[guard.mask_on(param.device)]  # boolean indexing copies
+        guard.values = _local(param.detach())[guard.mask_on(param.device)]  # boolean indexing copies
         return guard
 
     def mask_on(self, device) -> torch.Tensor:
@@ -73,8 +76,14 @@ class _Guard:
         return grad.masked_fill(self.mask_on(grad.device), 0)
 
     @torch.no_grad()
+    def mask_sharded_grad(self, param) -> None:
+        # FSDP2 writes the reduce-scattered gradient of a sharded parameter itself (no autograd hook
+        # fires), then calls the parameter's post-accumulate-grad hooks: mask this rank's shard there.
+        _local(param.grad).masked_fill_(self.mask_on(param.grad.device), 0)
+
+    @torch.no_grad()
     def restore(self) -> None:
-        p = self.param
+        p = _local(self.param)
         mask = self.mask_on(p.device)
         if self.values is None:
             p.masked_fill_(mask, 0)
@@ -90,7 +99,8 @@ class _Guard:
         PARAMETER_COPIES); other state, and state not shaped like the parameter (step counters,
         Adafactor's row/column factors), is left alone."""
         for key, value in state.items():
-            if not torch.is_tensor(value) or value.shape != self.param.shape:
+            value = _local(value) if torch.is_tensor(value) else value
+            if not torch.is_tensor(value) or value.shape != _local(self.param).shape:
                 continue
             mask = self.mask_on(value.device)
             if key in GRADIENT_STATISTICS or (key in PARAMETER_COPIES and self.values is None):
@@ -99,7 +109,7 @@ class _Guard:
                 value.masked_scatter_(mask, self.values.to(value.device, value.dtype))
 
     def changed(self) -> bool:
-        now = self.param.detach()[self.mask_on(self.param.device)]
+        now = _local(self.param.detach())[self.mask_on(self.param.device)]
         before = torch.zeros_like(now) if self.values is None else self.values.to(now.device, now.dtype)
         return not torch.equal(_bits(now), _bits(before))
 
@@ -168,7 +178,8 @@ class ProtectHandle:
         self.steps = 0
         self._effective: list[_EffectiveWeight] = []
         self._checked: set[int] = set()
-        self._hooks = [g.param.register_hook(g.mask_grad) for g in guards if g.param.requires_grad]
+        self._hooks = [g.param.register_post_accumulate_grad_hook(g.mask_sharded_grad) if _is_dtensor(g.param)
+                       else g.param.register_hook(g.mask_grad) for g in guards if g.param.requires_grad]
         if optimizer is None:
             # No optimizer named: watch every optimizer; each restores only the parameters it holds.
             self._hooks.append(register_optimizer_step_post_hook(self._after_step))
@@ -302,44 +313,64 @@ def protect(model: torch.nn.Module, mask_or_path, *, update_ratio: float | None 
     _refuse_sharded(params)
     targets, fused = _targets(source, params, model)
     lora_modules = _lora_modules(model)
-    guards, counts, axes, covered, effective = [], [0, 0], {}, [], []
+    cover = _Coverage()
     for param_name, parts in fused.items():  # per-expert masks of one fused 3-D expert parameter
         param = params[param_name]
-        if not param.requires_grad:
-            continue
-        mask = _fused_mask(source, parts, param, update_ratio)
-        guards.append(_Guard.keep(param_name, param, mask))
-        covered.append(param_name)
-        counts[0] += int((~mask).sum())
-        counts[1] += int(mask.sum())
+        if param.requires_grad:
+            cover.keep(param_name, param, _fused_mask(source, parts, param, update_ratio))
     for mask_name, param_name in targets:
         param = params[param_name]
         if param_name in lora_modules:
             module_name, module = lora_modules[param_name]
             _refuse_moved_base(model, module_name, module)
-            lora = _lora_axes(source, mask_name, param, update_ratio, lora_axis_fraction)
-            guards += _lora_guards(module_name, module, lora)
-            effective.append((param_name, module, lora))
-            axes[module_name] = lora
-            trainable = int(lora.rows.sum()) * int(lora.cols.sum())
+            cover.adapt(param_name, param, module_name, module,
+                        _lora_axes(source, mask_name, param, update_ratio, lora_axis_fraction))
         elif param.requires_grad:
-            mask = _entrywise_mask(source, mask_name, param, update_ratio)
-            guards.append(_Guard.keep(param_name, param, mask))
-            trainable = int((~mask).sum())
-        else:
-            continue  # frozen and not adapted: nothing trains it
-        covered.append(param_name)
-        counts[0] += trainable
-        counts[1] += param.numel() - trainable
-    for guard in guards:
-        if guard.values is None:
-            guard.restore()  # LoRA: zero the protected rows of B and columns of A now
-    handle = ProtectHandle(guards, optimizer)
-    handle._effective = [_EffectiveWeight(name, module, lora) for name, module, lora in effective]
-    handle.names = sorted(covered)
-    handle.trainable, handle.protected = counts
-    handle.lora = axes
-    return handle
+            cover.keep(param_name, param, _entrywise_mask(source, mask_name, param, update_ratio))
+        # else: frozen and not adapted, nothing trains it
+    return cover.handle(optimizer)
+
+
+@dataclass
+class _Coverage:
+    """What `protect` guards, gathered parameter by parameter: the guards, the parameters covered,
+    the trainable and protected entry counts, and the LoRA axes of each adapted module."""
+
+    guards: list = field(default_factory=list)
+    covered: list = field(default_factory=list)
+    counts: list = field(default_factory=lambda: [0, 0])  # trainable, protected
+    axes: dict = field(default_factory=dict)
+    effective: list = field(default_factory=list)  # (parameter, LoRA module, axes) per adapted weight
+
+    def keep(self, param_name: str, param, mask: torch.Tensor) -> None:
+        """Guard a plain (or fused expert) parameter entry by entry."""
+        self.guards.append(_Guard.keep(param_name, param, mask))
+        self.covered.append(param_name)
+        trainable = int((~mask).sum())
+        self.counts[0] += trainable
+        self.counts[1] += mask.numel() - trainable
+
+    def adapt(self, param_name: str, param, module_name: str, module, lora: LoraAxes) -> None:
+        """Guard a LoRA-adapted weight through its adapter's B rows and A columns."""
+        self.guards += _lora_guards(module_name, module, lora)
+        self.effective.append((param_name, module, lora))
+        self.axes[module_name] = lora
+        self.covered.append(param_name)
+        trainable = int(lora.rows.sum()) * int(lora.cols.sum())
+        self.counts[0] += trainable
+        self.counts[1] += param.numel() - trainable
+
+    def handle(self, optimizer) -> ProtectHandle:
+        """Zero the LoRA factors' protected rows and columns now, and hand back the installed guards."""
+        for guard in self.guards:
+            if guard.values is None:
+                guard.restore()  # LoRA: zero the protected rows of B and columns of A now
+        handle = ProtectHandle(self.guards, optimizer)
+        handle._effective = [_EffectiveWeight(name, module, lora) for name, module, lora in self.effective]
+        handle.names = sorted(self.covered)
+        handle.trainable, handle.protected = self.counts
+        handle.lora = self.axes
+        return handle
 
 
 def _targets(source: _MaskSource, params: dict, model):
@@ -382,7 +413,7 @@ def _fused_mask(source: _MaskSource, parts, param, update_ratio) -> torch.Tensor
     mask covers stay trainable); with update_ratio, each slice re-cut against its slice of `param`."""
     mask = torch.zeros(param.shape, dtype=torch.bool)
     for name, expert, (r0, r1) in parts:
-        base = param.detach()[expert, r0:r1].cpu()
+        base = _full(param.detach())[expert, r0:r1].cpu()
         if tuple(base.shape) != source.shape(name):
             raise DowserError(f"{name!r} has shape {list(source.shape(name))} in the mask but its slice of "
                               f"the model's fused expert parameter has {list(base.shape)}")
@@ -418,16 +449,50 @@ def _unwrap(model):
 
 
 def _refuse_sharded(params: dict) -> None:
+    """DTensor parameters (FSDP2 `fully_shard`) are masked shard by shard; DeepSpeed ZeRO-3 partitions
+    (`ds_id`/`ds_status`) and FSDP1 flat parameters are refused: no tested path."""
+    for name, p in params.items():
+        if hasattr(p, "ds_id") or hasattr(p, "ds_status"):
+            raise DowserError(f"parameter {name!r} is sharded by DeepSpeed ZeRO-3, which protect() does not support: "
+                              "use ZeRO-1/2, FSDP2 (fully_shard), DDP, or the sparse adapter (sparse_adapter)")
+        if "_fsdp_wrapped_module" in name or "_flat_param" in name:
+            raise DowserError(f"parameter {name!r} is sharded by FSDP1 (a flat parameter); protect() needs FSDP2 (fully_shard), "
+                              "DDP, or no sharding")
+
+
+def _is_dtensor(t) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # torch built without distributed support
-        DTensor = ()
-    for name, p in params.items():
-        if isinstance(p, DTensor) or hasattr(p, "ds_id") or "_fsdp_wrapped_module" in name or "_flat_param" in name:
-            raise DowserError(
-                f"parameter {name!r} is sharded (FSDP or DeepSpeed ZeRO-3); protect() needs whole parameters: "
-                "use DDP, DeepSpeed ZeRO-1/2, or no sharding"
-            )
+        return False
+    return isinstance(t, DTensor)
+
+
+def _local(t):
+    """This rank's shard of a DTensor (parameter, gradient, optimizer state) as a plain tensor sharing its
+    storage; any other tensor as it is."""
+    if not _is_dtensor(t):
+        return t
+    with torch.no_grad():
+        return t.to_local()
+
+
+def _full(t):
+    """A DTensor gathered whole (every rank calls this together); any other tensor as it is."""
+    return t.full_tensor() if _is_dtensor(t) else t
+
+
+def _shard_of(param, mask: torch.Tensor) -> torch.Tensor:
+    """The part of a whole-parameter mask that this rank holds of a DTensor parameter (split as the
+    parameter is, without communication); the mask itself for any other parameter."""
+    if not _is_dtensor(param) or mask.shape != param.shape:
+        return mask
+    from torch.distributed.tensor import distribute_tensor
+
+    local = distribute_tensor(mask.to(param.device), param.device_mesh, param.placements, src_data_rank=None).to_local()
+    if local.shape != _local(param).shape:
+        raise DowserError(f"cannot split the mask of a sharded parameter of shape {list(param.shape)} as it is split")
+    return local.cpu() if mask.device.type == "cpu" else local
 
 
 def _check_shape(name: str, mask_shape, param: torch.Tensor) -> None:
@@ -443,7 +508,7 @@ def _entrywise_mask(source: _MaskSource, name: str, param, update_ratio) -> torc
         _check_shape(name, mask.shape, param)
         return mask
     _check_shape(name, source.sidecar.shapes[name], param)
-    return source.sidecar.recut(name, param.detach(), update_ratio)
+    return source.sidecar.recut(name, _full(param.detach()), update_ratio)
 
 
 def _lora_modules(model) -> dict[str, tuple[str, torch.nn.Module]]:

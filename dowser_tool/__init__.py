@@ -13,13 +13,14 @@ __version__ = "0.1.0"
 from .errors import DowserError  # noqa: E402
 from . import _moved  # noqa: E402,F401  (old module paths, deprecated)
 
-__all__ = ["__version__", "DowserError", "Checkpoint", "open_checkpoint", "Sidecar", "load_mask", "protect", "ProtectHandle", "DowserCallback"]
+__all__ = ["__version__", "DowserError", "Checkpoint", "open_checkpoint", "Sidecar", "load_mask", "protect", "ProtectHandle", "DowserCallback",
+           "sparse_adapter"]
 
 _LAZY = {
     "Checkpoint": "io.checkpoint", "open_checkpoint": "io.checkpoint",
     "Sidecar": "sidecar.file", "load_mask": "sidecar.file",
     "protect": "train.protect", "ProtectHandle": "train.protect",
-    "DowserCallback": "train.callback",
+    "DowserCallback": "train.callback", "sparse_adapter": "train.sparse",
 }
 
 

@@ -108,7 +108,8 @@ def _run(code: str) -> str:
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["probe", "--help"], ["merge", "--help"], ["inspect", "--help"],
-                                  ["mask", "--help"], ["import-scores", "--help"]])
+                                  ["mask", "--help"], ["import-scores", "--help"],
+                                  ["sparse-adapter", "--help"]])
 def test_help_imports_neither_torch_nor_transformers(argv):
     out = _run(
         "import sys\n"

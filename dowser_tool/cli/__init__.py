@@ -56,8 +56,9 @@ def _register() -> None:
     from .interchange_cmd import export_scores, import_scores
     from .merge_cmd import merge
     from .probe_cmd import mask, probe
+    from .adapter_cmd import sparse_adapter_cmd
 
-    for command in (probe, mask, merge, inspect, import_scores, export_scores):
+    for command in (probe, mask, merge, inspect, import_scores, export_scores, sparse_adapter_cmd):
         main.add_command(command)
 
 

@@ -70,7 +70,7 @@ Fine-tune with the mask: protected entries stay bit-identical through any optimi
 from dowser_tool import protect
 handle = protect(model, "{ref}")        # the sidecar is downloaded into the HF cache
 
-from dowser_tool.integrations import DowserCallback
+from dowser_tool import DowserCallback
 trainer = Trainer(..., callbacks=[DowserCallback("{ref}")])    # Trainer, or TRL's SFTTrainer
 ```
 

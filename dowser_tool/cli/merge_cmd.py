@@ -26,11 +26,13 @@ from . import user_errors
               help="Output dtype of floating-point tensors: keep, bfloat16, float16 or float32.")
 @click.option("--allow-pickle", is_flag=True, help="Load *.bin pickles (weights_only=True).")
 @click.option("--force", is_flag=True, help="Overwrite outputs; merge despite a provenance or shape mismatch.")
+@click.option("--dry-run", is_flag=True, help="Plan and check the merge, list what each output tensor would be "
+              "(restored, copied, ...) and each mask refused, and write nothing.")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @user_errors
 def merge(base, finetuned, mask_path, out, restore, update_ratio, interpolate, base_revision, finetuned_revision,
           mask_revision,
-          shard_size, dtype, allow_pickle, force, quiet):
+          shard_size, dtype, allow_pickle, force, dry_run, quiet):
     """Repair a fine-tuned checkpoint: restore the top-scoring weights of each masked matrix from BASE."""
     from ..errors import DowserError
     from ..repair.merge import merge_checkpoint
@@ -47,6 +49,7 @@ def merge(base, finetuned, mask_path, out, restore, update_ratio, interpolate, b
         base_revision=base_revision,
         finetuned_revision=finetuned_revision, shard_size=parse_size(shard_size) if shard_size else None,
         dtype=dtype, allow_pickle=allow_pickle, force=force, progress=not quiet, mask_revision=mask_revision,
+        dry_run=dry_run,
     )
     for summary in summaries:
         click.echo(summary.line())

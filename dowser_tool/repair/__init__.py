@@ -1,7 +1,9 @@
 """Repairing a fine-tuned checkpoint with a mask, streamed tensor by tensor.
 
-Owns: the merge (`merge`), its block kernels (`kernels`), adapters merged without peft (`lora`),
-and the post-hoc methods (`methods`: interpolation, TIES, DARE, Dowser-weighted repairs).
+Owns: the merge (`merge`: its entry point; `plan`: what each output tensor is made of and every
+check that can refuse; `write`: values, shards, index, files and record), its block kernels
+(`kernels`), adapters merged without peft (`lora`), and the post-hoc methods (`methods`:
+interpolation, TIES, DARE, Dowser-weighted repairs).
 
 May import: `dowser_tool.sidecar`, `dowser_tool.score`, `dowser_tool.model`, `dowser_tool.io`,
 `dowser_tool.errors`.

@@ -58,6 +58,33 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
+def read_adapter_config(ckpt: Checkpoint) -> dict:
+    """`adapter_config.json`, refused unless it describes a LoRA this module can merge onto BASE."""
+    where = f"{ckpt.where}/{ADAPTER_CONFIG}"
+    try:
+        cfg = json.loads(ckpt.read_text(ADAPTER_CONFIG) or "")
+    except json.JSONDecodeError as e:
+        raise DowserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise DowserError(f"{where}: not a JSON object")
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise DowserError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+    if cfg.get("use_dora"):
+        raise DowserError(f"{where}: DoRA adapters are not supported; merge them with peft first")
+    try:
+        _ = int(cfg["r"]), float(cfg.get("lora_alpha", 8))  # each module's, with the patterns: LoraAdapter._pair
+    except (KeyError, TypeError, ValueError):
+        raise DowserError(f"{where}: needs an integer 'r' and a numeric 'lora_alpha'") from None
+    init = cfg.get("init_lora_weights", True)
+    if init_moves_base(init):
+        raise DowserError(
+            f"{where}: init_lora_weights {init!r} rewrote the base layer before training, so this adapter "
+            "does not apply to BASE; save it with peft's path_initial_model_for_weight_conversion, or merge it "
+            "with peft (merge_and_unload) and pass the merged model"
+        )
+    return cfg
+
+
 @dataclass(frozen=True)
 class LoraPair:
     a: str  # adapter tensor names
@@ -71,37 +98,24 @@ class LoraAdapter:
 
     def __init__(self, ckpt: Checkpoint, rules: KeyRules):
         self.ckpt = ckpt
-        where = f"{ckpt.where}/{ADAPTER_CONFIG}"
-        try:
-            cfg = json.loads(ckpt.read_text(ADAPTER_CONFIG) or "")
-        except json.JSONDecodeError as e:
-            raise DowserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
-        if not isinstance(cfg, dict):
-            raise DowserError(f"{where}: not a JSON object")
-        if cfg.get("peft_type", "LORA") != "LORA":
-            raise DowserError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
-        if cfg.get("use_dora"):
-            raise DowserError(f"{where}: DoRA adapters are not supported; merge them with peft first")
-        try:
-            r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
-        except (KeyError, TypeError, ValueError):
-            raise DowserError(f"{where}: needs an integer 'r' and a numeric 'lora_alpha'") from None
-        init = cfg.get("init_lora_weights", True)
-        if init_moves_base(init):
-            raise DowserError(
-                f"{where}: init_lora_weights {init!r} rewrote the base layer before training, so this adapter "
-                "does not apply to BASE; save it with peft's path_initial_model_for_weight_conversion, or merge it "
-                "with peft (merge_and_unload) and pass the merged model"
-            )
-        self.config = cfg
+        cfg = self.config = read_adapter_config(ckpt)
         self.base_model = cfg.get("base_model_name_or_path")
-        rank_pattern, alpha_pattern = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
-        fan_in_fan_out, rslora = bool(cfg.get("fan_in_fan_out")), bool(cfg.get("use_rslora"))
-
-        parts: dict[str, dict[str, str]] = {}
-        modules: dict[str, str] = {}
         self.replacements: dict[str, str] = {}  # canonical -> adapter tensor replacing it whole
         self.stored_base: dict[str, str] = {}  # canonical -> the base layer saved with the adapter
+        parts, modules = self._sort_keys(rules)
+        self.pairs: dict[str, LoraPair] = {canon: self._pair(cfg, got, modules[canon]) for canon, got in parts.items()}
+        both = set(self.pairs) & set(self.replacements)  # (a stored base layer is what the LoRA adds to)
+        if both:
+            raise DowserError(f"{ckpt.where}: {sorted(both)[0]!r} is both LoRA-adapted and replaced whole")
+        for canon in [c for c in self.stored_base if c not in self.pairs]:  # a base layer without LoRA: its value
+            self.replacements[canon] = self.stored_base.pop(canon)
+
+    def _sort_keys(self, rules: KeyRules) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+        """The adapter's keys: LoRA factors by canonical name and part (returned, with each one's module
+        name); whole replacements and saved base layers (into `replacements` and `stored_base`)."""
+        ckpt = self.ckpt
+        parts: dict[str, dict[str, str]] = {}
+        modules: dict[str, str] = {}
         for key in ckpt.tensor_names():
             if "lora_magnitude_vector" in key:
                 raise DowserError(f"{ckpt.where}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
@@ -124,26 +138,24 @@ class LoraAdapter:
                 raise DowserError(f"{ckpt.where}: {key!r} and {parts[canon][part]!r} adapt the same weight")
             parts[canon][part] = key
             modules[canon] = module
-        self.pairs: dict[str, LoraPair] = {}
-        for canon, got in parts.items():
-            embedding = "embedding_A" in got or "embedding_B" in got
-            a, b = (got.get("embedding_A"), got.get("embedding_B")) if embedding else (got.get("A"), got.get("B"))
-            if a is None or b is None:
-                raise DowserError(f"{ckpt.where}: {modules[canon]!r} has only one of its lora_A/lora_B matrices")
-            rank = int(_pattern_value(rank_pattern, modules[canon], r))
-            mod_alpha = float(_pattern_value(alpha_pattern, modules[canon], alpha))
-            if ckpt.shape(a)[0] != rank or ckpt.shape(b)[-1] != rank:
-                raise DowserError(
-                    f"{ckpt.where}: {modules[canon]!r} has lora_A {list(ckpt.shape(a))} and lora_B "
-                    f"{list(ckpt.shape(b))}, but adapter_config.json gives it rank {rank}"
-                )
-            scale = mod_alpha / (math.sqrt(rank) if rslora else rank)
-            self.pairs[canon] = LoraPair(a, b, scale, transpose=embedding or fan_in_fan_out)
-        both = set(self.pairs) & set(self.replacements)  # (a stored base layer is what the LoRA adds to)
-        if both:
-            raise DowserError(f"{ckpt.where}: {sorted(both)[0]!r} is both LoRA-adapted and replaced whole")
-        for canon in [c for c in self.stored_base if c not in self.pairs]:  # a base layer without LoRA: its value
-            self.replacements[canon] = self.stored_base.pop(canon)
+        return parts, modules
+
+    def _pair(self, cfg: dict, got: dict[str, str], module: str) -> LoraPair:
+        """One module's lora_A/lora_B (or embedding_A/B) and its scale, checked against its rank."""
+        ckpt = self.ckpt
+        embedding = "embedding_A" in got or "embedding_B" in got
+        a, b = (got.get("embedding_A"), got.get("embedding_B")) if embedding else (got.get("A"), got.get("B"))
+        if a is None or b is None:
+            raise DowserError(f"{ckpt.where}: {module!r} has only one of its lora_A/lora_B matrices")
+        rank = int(_pattern_value(cfg.get("rank_pattern") or {}, module, int(cfg["r"])))
+        mod_alpha = float(_pattern_value(cfg.get("alpha_pattern") or {}, module, float(cfg.get("lora_alpha", 8))))
+        if ckpt.shape(a)[0] != rank or ckpt.shape(b)[-1] != rank:
+            raise DowserError(
+                f"{ckpt.where}: {module!r} has lora_A {list(ckpt.shape(a))} and lora_B "
+                f"{list(ckpt.shape(b))}, but adapter_config.json gives it rank {rank}"
+            )
+        scale = mod_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        return LoraPair(a, b, scale, transpose=embedding or bool(cfg.get("fan_in_fan_out")))
 
     def output_shape(self, canonical: str, base_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the adapter gives one base tensor (a saved base layer or copy may be resized)."""

@@ -29,7 +29,7 @@ def _split(value):
 @click.option("--probe-file", type=click.Path(dir_okay=False), help="Token ids to use (JSONL lists or safetensors).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu or cuda.")
 @click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float16", "float32"]), default="auto",
-              show_default=True, help="Compute dtype (auto: the checkpoint's on GPU, float32 on CPU).")
+              show_default=True, help="Compute dtype (auto: bfloat16 on a GPU, float32 where it lacks bfloat16 and on a CPU).")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seeds the probe prefixes, the sampling, the Rademacher draws and the noise images.")
 @click.option("--save-stats/--no-save-stats", default=True, show_default=True,
@@ -89,7 +89,8 @@ def summary_line(summary: dict) -> str:
     else:
         reads = f"{passes:g} passes over the weights: they fit in no memory tier"
     notes = [f"{summary['passes']} pass{'es' if summary['passes'] != 1 else ''}"
-             + (", activations spilled to disk" if summary["spilled"] else "")]
+             + (", activations spilled to disk" if summary["spilled"] else ""),
+             f"computed in {summary['dtype']} on {summary['device']}"]
     return (f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
             f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s "
             f"({', '.join(times + [reads] + notes)})")

@@ -13,6 +13,7 @@ from collections.abc import Callable
 import torch
 from tqdm.auto import tqdm
 
+from ..errors import DowserError
 from .schedule import ActivationStore
 from .selection import WeightSelection
 from .settings import ProbeSettings
@@ -41,6 +42,19 @@ class PassRunner:
                  progress: bool):
         self.s, self.runner, self.sel, self.inputs, self.progress = settings, runner, selection, inputs, progress
         self.side_inputs: dict[int, list] = {}
+
+    def check_finite(self, t: torch.Tensor, what: str, layer: int | None) -> None:
+        """Refuse, in one line, a pass whose activations or gradients are not finite (an overflow in a
+        half dtype: Gemma in float16, transformers#36822): no statistics are recorded from them."""
+        if t is None or bool(torch.isfinite(t).all()):
+            return
+        runner = self.runner
+        at = "the output head" if layer is None else f"decoder layer {layer} ({runner.anatomy.layers_path}.{layer})"
+        dtype = str(t.dtype).replace("torch.", "")
+        remedy = ("probe with --dtype float32, or bfloat16, which has float32's range" if dtype == "float16"
+                  else "probe with --dtype float32")
+        raise DowserError(f"{runner.ckpt.where}: non-finite {what} at {at} computing in {dtype} "
+                          f"(the values overflow it); {remedy}")
 
     # ---- the call trace -------------------------------------------------
     def trace_calls(self, images: bool) -> None:
@@ -137,7 +151,9 @@ class PassRunner:
             for i, layer in runner.stream(range(last)):
                 handles = [] if needs_grad else rec.attach(by_layer[i], runner.model)
                 for b, _ in batches:
-                    store.put(b, i + 1, captured[b].call(i, layer, store.get(b, i), runner.tuple_out))
+                    h = captured[b].call(i, layer, store.get(b, i), runner.tuple_out)
+                    self.check_finite(h, "activations", i)
+                    store.put(b, i + 1, h)
                     if not needs_grad:
                         rec.finish_update(by_layer[i])
                 for h in handles:
@@ -155,11 +171,14 @@ class PassRunner:
             with torch.enable_grad():
                 logits = self.runner.head_logits(top)
                 xi = rademacher(s.seed, b, s.draws, logits.shape).to(logits.device, logits.dtype)
+                self.check_finite(logits, "logits", None)
                 grads[b] = [
                     torch.autograd.grad((xi[d] * logits).sum() / logits.shape[0], top,
                                         retain_graph=d < s.draws - 1)[0]
                     for d in range(s.draws)
                 ]
+            for g in grads[b]:
+                self.check_finite(g, "gradients", None)
             store.drop(b, n_layers)
         return grads
 
@@ -204,6 +223,7 @@ class PassRunner:
         out = []
         for d in range(draws):
             g = torch.autograd.grad(y, wrt, grads[d], retain_graph=d < draws - 1, allow_unused=True)
+            self.check_finite(g[0], "gradients", i)
             out.append(g[0])
             for k, gk, t in zip(keys, g[1:], side.values()):
                 end_grads.setdefault(("side", i, k), [None] * draws)[d] = torch.zeros_like(t) if gk is None else gk

@@ -147,6 +147,10 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
             for i, layer in runner.stream(range(len(runner.layers))):
                 h = step.call(i, layer, h, runner.tuple_out)
             logits = runner.head_logits(h)
+        if not bool(torch.isfinite(logits).all()):  # an overflow in a half dtype: refuse, never sample from NaN
+            dtype = str(logits.dtype).replace("torch.", "")
+            raise DowserError(f"{runner.ckpt.where}: non-finite logits while generating probes, computing in {dtype} "
+                              "(the activations overflow it); probe with --dtype float32")
         sampled = sample_next(logits, tokens[:, : t + 1], sampling, gen)
         for r, p in enumerate(prefixes):
             if t + 1 >= len(p):  # past its prefix: the model's own continuation

@@ -173,6 +173,7 @@ class ProbeRun:
         if s.images:
             processor, prompt, side = images
             self.images = ImageProbe(processor, prompt, self.tokens.shape[0], s.seed, side, self.ckpt.where)
+            self.images.check(self.runner, self._inputs(self.batches()[0][1]))  # processor vs model, in one line
         self.pass_runner.trace_calls(images=self.images is not None)
         return done
 
@@ -206,6 +207,7 @@ class ProbeRun:
             w = torch.tensor(self.update_weights)
             psi = {x.key: torch.stack(rec.psi[x.key]) for x in self.weights}
             a = {x.key: torch.stack(rec.a[x.key]) for x in self.weights}
+            self.selection.note_unreached(psi, a)  # experts of a 3-D stack no probe token reached
         elif s.method == "magnitude":
             w = torch.ones(1)
             for x in self.weights:
@@ -313,4 +315,6 @@ def _summary(run: ProbeRun, data: SidecarData, dest: Path, rank: int, world: int
         "wait_s": run.runner.wait_seconds,
         "bytes_read": run.ckpt.bytes_read,
         "sha": run.ckpt.sha,
+        "dtype": str(run.dtype).replace("torch.", ""),
+        "device": run.device.type,
     }

@@ -92,9 +92,18 @@ def parse_layers(spec: str | None, n_layers: int) -> list[int]:
     return sorted(out)
 
 
+def auto_gpu_dtype(config: dict, bf16_supported: bool) -> torch.dtype:
+    """What `--dtype auto` computes in on a GPU: bfloat16, which has float32's exponent range, so
+    activations that fit float32 never overflow it (float16 tops out at 65504: Gemma and others
+    overflow in float16, transformers#36822), even for a checkpoint stored in float16; float32 on a
+    GPU without bfloat16 (before Ampere). The checkpoint's own dtype does not decide it: a float16
+    checkpoint computed in float16 is what overflows. `config` is kept for the record's sake."""
+    return torch.bfloat16 if bf16_supported else torch.float32
+
+
 def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[torch.device, torch.dtype]:
-    """--device and --dtype as torch objects; `auto` picks CUDA if present and the checkpoint's own half
-    dtype there (float32 on the CPU). DowserError for a device that is absent or a name not known."""
+    """--device and --dtype as torch objects; `auto` picks CUDA if present, computing there in
+    bfloat16 (`auto_gpu_dtype`), and float32 on the CPU. DowserError for a device that is absent or a name not known."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
@@ -107,8 +116,7 @@ def resolve_device_dtype(device: str, dtype: str, config: dict) -> tuple[torch.d
     if dtype == "auto":
         if dev.type == "cpu":
             return dev, torch.float32  # CPUs lack fast half kernels, and float32 is exact enough to compare
-        name = config.get("dtype") or config.get("torch_dtype") or (config.get("text_config") or {}).get("dtype")
-        return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.bfloat16)
+        return dev, auto_gpu_dtype(config, torch.cuda.is_bf16_supported())
     try:
         return dev, {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
     except KeyError:

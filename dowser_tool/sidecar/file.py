@@ -151,6 +151,16 @@ class SidecarData:
     scores: dict[str, torch.Tensor] = field(default_factory=dict)  # name -> full score matrix (instead of psi/a)
 
 
+def _check_finite(path, tensors: dict) -> None:
+    """No sidecar is ever written from non-finite statistics or scores (NaN would rank as +inf and
+    still give a mask of exactly the claimed ratio): DowserError naming the first such tensor."""
+    for key, t in tensors.items():
+        if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise DowserError(f"{path}: {key} holds {bad} non-finite values (an overflow while probing?); "
+                              "no sidecar written: probe again with --dtype float32")
+
+
 def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
     """Write atomically; names and metadata keys are sorted so equal inputs give byte-identical
     files (safetensors' own save_file orders metadata by hash, differently on every run)."""
@@ -179,6 +189,7 @@ def write_sidecar(path: str | os.PathLike, data: SidecarData) -> Path:
             if TORCH_TO_ST.get(score.dtype) not in SCORE_DTYPES or tuple(score.shape) != tuple(shapes[name]):
                 raise ValueError(f"score of {name!r} must be float32, bfloat16 or float16 of shape {shapes[name]}")
             tensors[f"score/{name}"] = score
+    _check_finite(path, tensors)
     if data.probe_tokens is not None:
         tensors["probe/token_ids"] = data.probe_tokens.detach().to("cpu", torch.int64).contiguous()
     meta = {

@@ -10,6 +10,7 @@ import sys
 import click
 
 from .. import __version__
+from ..compat import check_versions
 from ..errors import DowserError
 from ..io.outputs import sigterm_as_interrupt
 
@@ -48,6 +49,7 @@ def user_errors(fn):
 @click.version_option(__version__, prog_name="dowser")
 def main():
     """Data-free Model-Dowser masks: find the weights that carry what a pretrained model knows."""
+    check_versions()  # after --help/--version (they exit first): one line if transformers/peft are untested
 
 
 def _register() -> None:

@@ -9,6 +9,10 @@ May import: `dowser_tool.sidecar`, `dowser_tool.score`, `dowser_tool.model`, `do
 `dowser_tool.errors`.
 """
 
+from ..compat import check_versions
+
+check_versions()  # one warning line if transformers/peft lie outside the tested range
+
 from .merge import merge_checkpoint
 
 __all__ = ["merge_checkpoint"]

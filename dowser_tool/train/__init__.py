@@ -8,4 +8,8 @@ May import: `dowser_tool.repair`, `dowser_tool.sidecar`, `dowser_tool.score`, `d
 `dowser_tool.io`, `dowser_tool.errors`.
 """
 
+from ..compat import check_versions
+
+check_versions()  # one warning line if transformers/peft lie outside the tested range
+
 from .sparse import sparse_adapter  # noqa: F401

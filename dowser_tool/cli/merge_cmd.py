@@ -9,7 +9,8 @@ from . import user_errors
 # a missing one included, gets the same one-line error.
 @click.command()
 @click.option("--base", help="Base model the mask was probed on (folder or Hub id).  [required]")
-@click.option("--finetuned", help="Fine-tuned model, or a PEFT LoRA adapter on BASE (folder or Hub id).  [required]")
+@click.option("--finetuned", help="Fine-tuned model, or a PEFT LoRA or Super-Tuning sparse adapter on BASE (folder or "
+              "Hub id).  [required]")
 @click.option("--mask", "mask_path", help="Mask sidecar: a file, or a Hub repo REPO_ID (its single *.dowser.safetensors) "
               "or REPO_ID/FILE.  [required, except with --interpolate]")
 @click.option("--out", help="Output folder.  [required]")

@@ -16,6 +16,15 @@ resized or not): the update is added to that stored layer, as `merge_and_unload`
 does in the model the adapter was saved from. Adapters whose initialisation
 rewrote the base layer (PiSSA, OLoRA, CorDA, LoftQ, LoRA-GA) hold an update
 relative to a residual, not to BASE, and are refused unless PEFT converted them.
+
+Each update is oriented by the layout of the weight it updates, never by the adapter's single
+`fan_in_fan_out` flag: PEFT keeps that flag per module (True for transformers' `Conv1D`, which
+stores (in, out); False for `nn.Linear`, (out, in)) but writes one value into adapter_config.json.
+The layout comes from the model class (`model.orient`), else from the sidecar's `tensor_info`,
+else from the shapes; only a square weight of a family transformers does not know, with no
+sidecar layout, falls back to the flag. LoRA bias (`lora_bias`), trainable tokens and expert LoRA
+(`target_parameters`) are refused, each by name. `open_adapter` also opens peft Super-Tuning sparse
+adapters (`repair.supertuning`).
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from ..io.checkpoint import ADAPTER_CONFIG, Checkpoint, same_bits
 from ..errors import DowserError
 from ..model.keys import KeyRules, peft_fold
+from ..model.orient import stored_in_out
 
 # `init_lora_weights` values that leave the base layer as it was loaded (peft/tuners/lora/layer.py,
 # `LoraLayer.update_layer`): True and "gaussian" zero B; "eva" and "mica" zero one factor;
@@ -58,8 +68,8 @@ def _pattern_value(patterns: dict, module: str, default):
     return default
 
 
-def read_adapter_config(ckpt: Checkpoint) -> dict:
-    """`adapter_config.json`, refused unless it describes a LoRA this module can merge onto BASE."""
+def adapter_config_json(ckpt: Checkpoint) -> dict:
+    """`adapter_config.json` as a dict (DowserError if it is not a JSON object)."""
     where = f"{ckpt.where}/{ADAPTER_CONFIG}"
     try:
         cfg = json.loads(ckpt.read_text(ADAPTER_CONFIG) or "")
@@ -67,8 +77,39 @@ def read_adapter_config(ckpt: Checkpoint) -> dict:
         raise DowserError(f"{where}: not valid JSON ({e.msg} at line {e.lineno})") from None
     if not isinstance(cfg, dict):
         raise DowserError(f"{where}: not a JSON object")
+    return cfg
+
+
+def open_adapter(ckpt: Checkpoint, rules: KeyRules, in_out=None):
+    """The adapter in `ckpt`: a `LoraAdapter`, or a `supertuning.SparseAdapter` for peft_type SUPERTUNING.
+    `in_out(canonical) -> bool | None`: a layout hint for weights the model class does not settle."""
+    if adapter_config_json(ckpt).get("peft_type") == "SUPERTUNING":
+        from .supertuning import SparseAdapter
+
+        return SparseAdapter(ckpt, rules)
+    return LoraAdapter(ckpt, rules, in_out)
+
+
+def _refuse_features(cfg: dict, where: str) -> None:
+    """LoRA features this merge does not implement, each refused by its name."""
+    if cfg.get("lora_bias"):
+        raise DowserError(f"{where}: LoRA bias (lora_bias=true) is not supported; merge the adapter with peft "
+                          "(merge_and_unload) and pass the merged model")
+    if cfg.get("trainable_token_indices"):
+        raise DowserError(f"{where}: trainable tokens (trainable_token_indices) are not supported; merge the adapter "
+                          "with peft (merge_and_unload) and pass the merged model")
+    if cfg.get("target_parameters"):
+        raise DowserError(f"{where}: expert LoRA on parameters (target_parameters) is not supported; merge the adapter "
+                          "with peft (merge_and_unload) and pass the merged model")
+
+
+def read_adapter_config(ckpt: Checkpoint) -> dict:
+    """`adapter_config.json`, refused unless it describes a LoRA this module can merge onto BASE."""
+    where = f"{ckpt.where}/{ADAPTER_CONFIG}"
+    cfg = adapter_config_json(ckpt)
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise DowserError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA)")
+        raise DowserError(f"{where}: peft_type {cfg.get('peft_type')!r} is not supported (only LORA and SUPERTUNING)")
+    _refuse_features(cfg, where)
     if cfg.get("use_dora"):
         raise DowserError(f"{where}: DoRA adapters are not supported; merge them with peft first")
     try:
@@ -90,20 +131,23 @@ class LoraPair:
     a: str  # adapter tensor names
     b: str
     scale: float
-    transpose: bool
+    transpose: bool | None  # None: settled by the shapes in `check_shape`
 
 
 class LoraAdapter:
     """The adapter's effect on each base tensor, by canonical name."""
 
-    def __init__(self, ckpt: Checkpoint, rules: KeyRules):
-        self.ckpt = ckpt
+    kind = "lora-adapter"
+
+    def __init__(self, ckpt: Checkpoint, rules: KeyRules, in_out=None):
+        self.ckpt, self.rules, self._hint = ckpt, rules, in_out
         cfg = self.config = read_adapter_config(ckpt)
         self.base_model = cfg.get("base_model_name_or_path")
         self.replacements: dict[str, str] = {}  # canonical -> adapter tensor replacing it whole
         self.stored_base: dict[str, str] = {}  # canonical -> the base layer saved with the adapter
         parts, modules = self._sort_keys(rules)
-        self.pairs: dict[str, LoraPair] = {canon: self._pair(cfg, got, modules[canon]) for canon, got in parts.items()}
+        self.pairs: dict[str, LoraPair] = {canon: self._pair(cfg, got, modules[canon], canon)
+                                           for canon, got in parts.items()}
         both = set(self.pairs) & set(self.replacements)  # (a stored base layer is what the LoRA adds to)
         if both:
             raise DowserError(f"{ckpt.where}: {sorted(both)[0]!r} is both LoRA-adapted and replaced whole")
@@ -119,6 +163,12 @@ class LoraAdapter:
         for key in ckpt.tensor_names():
             if "lora_magnitude_vector" in key:
                 raise DowserError(f"{ckpt.where}: {key!r} is a DoRA magnitude; DoRA adapters are not supported")
+            if re.search(r"\.lora_[AB]\.([\w-]+\.)?bias$", key):
+                raise DowserError(f"{ckpt.where}: {key!r} is a LoRA bias (lora_bias=true), which is not supported; "
+                                  "merge the adapter with peft (merge_and_unload) and pass the merged model")
+            if "trainable_tokens_delta" in key or ".token_adapter." in key:
+                raise DowserError(f"{ckpt.where}: {key!r} holds trainable tokens (trainable_token_indices), which are "
+                                  "not supported; merge the adapter with peft and pass the merged model")
             hit = rules.lora_target(key)
             if hit is None:
                 plain, copy = peft_fold(key, saved=True)
@@ -140,7 +190,7 @@ class LoraAdapter:
             modules[canon] = module
         return parts, modules
 
-    def _pair(self, cfg: dict, got: dict[str, str], module: str) -> LoraPair:
+    def _pair(self, cfg: dict, got: dict[str, str], module: str, canon: str) -> LoraPair:
         """One module's lora_A/lora_B (or embedding_A/B) and its scale, checked against its rank."""
         ckpt = self.ckpt
         embedding = "embedding_A" in got or "embedding_B" in got
@@ -155,7 +205,12 @@ class LoraAdapter:
                 f"{list(ckpt.shape(b))}, but adapter_config.json gives it rank {rank}"
             )
         scale = mod_alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-        return LoraPair(a, b, scale, transpose=embedding or bool(cfg.get("fan_in_fan_out")))
+        return LoraPair(a, b, scale, transpose=True if embedding else self._layout(canon))
+
+    def _layout(self, canon: str) -> bool | None:
+        """Whether the weight `canon` is stored (in, out): from the model class, else the sidecar's hint."""
+        known = stored_in_out(self.rules, canon)
+        return known if known is not None else (self._hint(canon) if self._hint else None)
 
     def output_shape(self, canonical: str, base_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the adapter gives one base tensor (a saved base layer or copy may be resized)."""
@@ -174,6 +229,10 @@ class LoraAdapter:
         if pair is None:
             return
         shape = (self.ckpt.shape(pair.b)[0], self.ckpt.shape(pair.a)[1])
+        if pair.transpose is None:  # layout unknown: the shapes settle it; a square one, the file's flag
+            fits, flipped = shape == own, shape[::-1] == own
+            transpose = bool(self.config.get("fan_in_fan_out")) if fits == flipped else flipped
+            pair = self.pairs[canonical] = replace(pair, transpose=transpose)
         if pair.transpose:
             shape = shape[::-1]
         if shape != own:

@@ -20,8 +20,9 @@ from ..errors import DowserError
 from ..io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from ..io.layout import TORCH_TO_ST, itemsize
 from ..model.keys import KeyRules, NameMap
+from ..model.quant import Quantization, detect, refuse
 from ..sidecar.file import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, weight_fingerprint
-from .lora import LoraAdapter, is_adapter
+from .lora import is_adapter, open_adapter
 
 # The forgetting benchmark (benchmarks/forgetting/RESULTS.md, 8 seeds, both models, three depths):
 # as one setting nobody tunes, restoring the top 10% did as well as any single setting tried (mean H
@@ -111,6 +112,92 @@ def check_shapes(item: Item, base_shape: tuple[int, ...]) -> None:
                       "cannot restore it")
 
 
+def refuse_quantized(ckpt: Checkpoint, role: str, dequantize_ok: bool = False) -> Quantization | None:
+    """A quantized checkpoint (bitsandbytes, FP8, GPTQ/AWQ, compressed-tensors: `model.quant.detect`)
+    is refused in one line naming its scheme: its integers or FP8 codes are not weights, and BASE's
+    floats written into them (or theirs restored into floats) would be silently wrong. With
+    `dequantize_ok` (FT), a bitsandbytes 8-bit or block-scaled FP8 checkpoint, whose float weights
+    `model.quant.dequantize` rebuilds from what is stored, is returned instead: merged dequantized."""
+    tensors = {n: (TORCH_TO_ST.get(ckpt.dtype(n), str(ckpt.dtype(n))), tuple(ckpt.shape(n))) for n in ckpt.tensor_names()}
+    found = detect(ckpt.config, tensors)
+    if found is None:
+        return None
+    if dequantize_ok and found.dequantizable and (found.scheme == "bitsandbytes 8-bit" or found.scheme.startswith("fp8")):
+        warn(f"{role} {ckpt.where} is {found.describe()}: its weights are dequantized (codes x scales, in float32) "
+             "into FT's float dtype, and the output is a float checkpoint (no quantization_config)")
+        return found
+    raise refuse(found, f"{role} {ckpt.where}", "merge")
+
+
+def dequantized_dtype(plan: MergePlan, canon: str) -> str:
+    """The dtype a dequantized FT weight is written in: the one FT's config names (that of its float
+    tensors), else BASE's for the same tensor, else float32."""
+    config = plan.ft.config or {}
+    declared = OUTPUT_DTYPES.get(str(config.get("dtype") or config.get("torch_dtype")))
+    if declared:
+        return declared
+    if canon in plan.base_map:
+        st = TORCH_TO_ST[plan.base.dtype(plan.base_map.to_checkpoint(canon))]
+        if st in FLOAT_DTYPES:
+            return st
+    return "F32"
+
+
+def float_config(config: dict | None) -> dict | None:
+    """A config without its `quantization_config` (the model class built for names, of a dequantized FT)."""
+    return {k: v for k, v in config.items() if k != "quantization_config"} if config else config
+
+
+def check_float(item: Item, base_dtype: str, where: str) -> None:
+    """A masked tensor is restored only from and into floating-point tensors (no quantized codes)."""
+    for dtype, whose in ((item.dtype, "FT"), (base_dtype, "BASE")):
+        if dtype not in FLOAT_DTYPES:
+            raise DowserError(f"{where}: {item.name!r} is stored as {dtype} in {whose}, not as floating point: "
+                              "a quantized or integer tensor cannot take BASE's entries; dequantize it first")
+
+
+def sidecar_layouts(sidecar: Sidecar | None, rules: KeyRules):
+    """{canonical name: stored (in, out)} for the masked weights whose layout the sidecar records
+    (`tensor_info` layout), as a lookup (None when the sidecar records none)."""
+    if sidecar is None:
+        return None
+    info = sidecar.metadata.get("tensor_info") or {}
+    return {rules.canonical(n): (info.get(n) or {}).get("layout") == "in_out" for n in sidecar.names
+            if (info.get(n) or {}).get("layout")}.get
+
+
+def check_vocabulary(plan: MergePlan) -> None:
+    """An adapter that resizes the input embedding but not a separate output head (or the reverse)
+    leaves two vocabulary sizes that no config describes (`from_pretrained` fails on a size mismatch):
+    refused. (A tied head is the embedding itself; a full fine-tune brings its own config.)"""
+    roles = plan.out_roles
+    if not plan.adapter or not roles.head or not roles.embedding or roles.head == roles.embedding:
+        return
+    embed, head = plan.items[roles.embedding], plan.items[roles.head]
+    grown_embed = embed.shape[0] - plan.src.shape(roles.embedding)[0]
+    grown_head = head.shape[0] - plan.src.shape(roles.head)[0]
+    if grown_embed != grown_head:
+        raise DowserError(
+            f"{plan.ft.where}: the adapter stores the input embedding resized to {embed.shape[0]} rows but the output "
+            f"head {roles.head!r} at {head.shape[0]} rows (BASE has {plan.src.shape(roles.embedding)[0]} and "
+            f"{plan.src.shape(roles.head)[0]}): no config describes both, and the resized head's rows were not saved; "
+            "save the adapter with the head too (peft: modules_to_save=['lm_head']), or merge it with peft "
+            "(merge_and_unload) and pass the merged model")
+
+
+def refuse_fused_experts(plan: MergePlan, mask_name: str) -> None:
+    """A fine-tune saved with its experts fused (transformers 5 `save_pretrained(save_original_format=False)`:
+    one 3-D `mlp.experts.gate_up_proj` per layer) against a BASE and mask stored per expert: refused
+    by name (the mask's per-expert entries are not placed into fused tensors)."""
+    shapes = {n: plan.sidecar.shapes[n] for n in plan.sidecar.names}
+    placed = plan.src_rules.expert_placement(shapes).get(mask_name)
+    if placed is not None and placed[0] in plan.src_map:
+        raise DowserError(
+            f"{plan.ft.where}: stores its experts fused ({placed[0]!r}, as save_pretrained(save_original_format=False) "
+            f"writes them) while BASE and the mask hold them per expert ({mask_name!r}): fused-expert fine-tunes are "
+            "not supported; save FT with save_original_format=True (the default) and merge that")
+
+
 def role_targets(src: Checkpoint, src_rules: KeyRules) -> tuple[object, bool, dict[str, list[str]]]:
     """The source tensors that play each role (OUTPUT_HEAD, INPUT_EMBEDDING) in the model FT loads as:
     (its roles, whether a stored head is the tied embedding's very bits, role -> tensor names).
@@ -147,6 +234,8 @@ class MergePlan:
         self.ft = open_checkpoint(finetuned, finetuned_revision, allow_pickle=allow_pickle)
         if self.base.config is None:
             raise DowserError(f"{self.base.where}: no config.json (BASE must be a full model)")
+        refuse_quantized(self.base, "BASE")  # before any model class is built from a quantization_config
+        self.dequant = refuse_quantized(self.ft, "FT", dequantize_ok=True)  # None, or FT's dequantizable scheme
         self._open_source()
         self.components = self.src.components()  # sub-model folders (NVILA: llm/, vision_tower/, ...)
         if self.components and shard_size is not None:
@@ -158,6 +247,7 @@ class MergePlan:
         self.refused: list[tuple[str, str]] = []  # (mask name, why): skipped with --force, FT's value kept
         self._check_provenance()
         self.items = self._plan_items()
+        check_vocabulary(self)
         self.layout = plan_layout(self.src, self.items, shard_size)
 
     def _open_source(self) -> None:
@@ -177,7 +267,7 @@ class MergePlan:
         self.adapter = None
         if is_adapter(self.ft):
             # The output is BASE with the adapter merged in: BASE's names, layout and config.
-            self.adapter = LoraAdapter(self.ft, self.rules)
+            self.adapter = open_adapter(self.ft, self.rules, sidecar_layouts(self.sidecar, self.rules))
             self.src, self.src_map, self.src_rules = self.base, self.base_map, self.rules
             return
         if self.ft.config is None:
@@ -187,7 +277,8 @@ class MergePlan:
             raise DowserError(f"{self.ft.where}: model_type {ft_type!r} differs from BASE's {base_type!r}")
         self.src = self.ft
         # FT's own config: it may untie the head, or resize the vocabulary
-        self.src_rules = KeyRules(None) if plain else KeyRules.of_config(self.ft.config, f"{self.ft.where}/config.json")
+        self.src_rules = KeyRules(None) if plain else KeyRules.of_config(float_config(self.ft.config),
+                                                                          f"{self.ft.where}/config.json")
         self.src_map = NameMap(self.ft.tensor_names(), self.src_rules, self.ft.where)
 
     # ---- checks -------------------------------------------------------
@@ -252,6 +343,10 @@ class MergePlan:
         for name in self.src.tensor_names():
             st = TORCH_TO_ST[self.src.dtype(name)]
             canon = self.src_map.to_canonical(name)
+            if self.dequant is not None and name in self.dequant.companions:
+                continue  # scales and formats: folded into the dequantized weights
+            if self.dequant is not None and name in self.dequant.weights:
+                st = dequantized_dtype(self, canon)
             shape = tuple(self.src.shape(name))
             if self.adapter:
                 shape = self.adapter.output_shape(canon, shape)
@@ -287,6 +382,7 @@ class MergePlan:
         elif canon in self.src_map:
             targets = [self.src_map.to_checkpoint(canon)]
         else:
+            refuse_fused_experts(self, mask_name)
             raise DowserError(f"{self.ft.where}: has no tensor for {mask_name!r}, which the mask covers")
         for target in targets:
             item = items[target]
@@ -294,6 +390,7 @@ class MergePlan:
                 raise DowserError(f"{mask_name!r} and {item.mask_names[0]!r} restore one fine-tuned tensor "
                                   f"{item.name!r} from different BASE tensors")
             check_shapes(item, base_shape)
+            check_float(item, TORCH_TO_ST[self.base.dtype(base_name)], self.sidecar.path)
             item.base_name = base_name
             item.mask_names.append(mask_name)
 
@@ -316,7 +413,7 @@ class MergePlan:
 
     def copyable_shard(self, file: str, names: list[str], alpha: float | None) -> str | None:
         """The source shard to copy byte for byte into `file`, if nothing in it changes."""
-        if self.shard_size is not None:
+        if self.shard_size is not None or self.dequant is not None:  # (a shard may hold scales the output drops)
             return None
         src_file = self.src.ref(names[0]).file
         if src_file != file:  # a pickled shard becomes safetensors
@@ -391,6 +488,8 @@ class PlanListing:
                     action, how = "restored", f"{strength} from BASE {item.base_name}"
                 elif item.adapted:
                     action, how = "adapted", "BASE with the adapter's update"
+                elif plan.dequant is not None and name in plan.dequant.weights:
+                    action, how = "dequantized", f"from FT's {plan.dequant.scheme} codes and scales as {item.dtype}"
                 else:
                     action, how = "copied", f"from {source}" + ("" if plan.raw(item, alpha) else f" as {item.dtype}")
                 rows.append((action, name, f"{how}; {file}"))
@@ -401,7 +500,7 @@ class PlanListing:
         return sum(row[0] == action for row in self.rows)
 
     def line(self) -> str:
-        counts = ", ".join(f"{self.count(a)} {a}" for a in ("restored", "interpolated", "adapted", "copied")
+        counts = ", ".join(f"{self.count(a)} {a}" for a in ("restored", "interpolated", "adapted", "dequantized", "copied")
                            if self.count(a) or a in ("restored", "copied"))
         head = (f"dry run: {self.out} ({self.strength}) would hold {len(self.rows)} tensors: {counts}, "
                 f"{len(self.refused)} refused ({self.shards_copied} shards copied unchanged); nothing written")

@@ -32,6 +32,7 @@ from ..io.checkpoint import (
 )
 from ..io.layout import DTYPES
 from ..io.outputs import atomic_dir
+from ..model.quant import dequantize
 from ..model.streaming import trim_heap
 from .kernels import (
     BufferPool,
@@ -153,7 +154,11 @@ class MergeWriter:
 
     def _finetuned(self, item: Item, canon: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(FT's value of an output tensor in the output dtype, the source tensor it came from)."""
-        ft = ft_source = read_tensor(self.plan.src, item.name, self._buffers)
+        q = self.plan.dequant
+        if q is not None and item.name in q.weights:  # an FP8 / bitsandbytes 8-bit FT: its float weight, rebuilt
+            ft = ft_source = dequantize(q, item.name, self.plan.src.read)
+        else:
+            ft = ft_source = read_tensor(self.plan.src, item.name, self._buffers)
         if self.plan.adapter:
             ft = self.plan.adapter.apply(canon, ft_source)
         return ft.to(DTYPES[item.dtype]), ft_source
@@ -323,6 +328,9 @@ def describe_output(plan: MergePlan, path: Path) -> None:
     before = json.dumps(config, sort_keys=True)
     key = plan.src_rules.text_config_key
     text = config.get(key, config) if key else config
+    if plan.dequant is not None:  # every weight written is a float: no quantized layout is claimed
+        for sub in (config, text):
+            sub.pop("quantization_config", None)
     roles = plan.out_roles
     embed = plan.items.get(roles.embedding) if roles.embedding else None
     if embed is not None and embed.shape and isinstance(text.get("vocab_size"), int):
@@ -362,7 +370,8 @@ def repair_record(plan: MergePlan, summary: MergeSummary, mask_sha256: str | Non
         "tool": "dowser-tool",
         "tool_version": __version__,
         "base": ckpt_record(plan.base),
-        "finetuned": {**ckpt_record(plan.ft), "kind": "lora-adapter" if plan.adapter else "full"},
+        "finetuned": {**ckpt_record(plan.ft), "kind": plan.adapter.kind if plan.adapter else "full",
+                      "dequantized": plan.dequant.scheme if plan.dequant is not None else None},
         "mask": None if sidecar is None else {
             "path": str(sidecar.path.resolve()),
             "sha256": mask_sha256,

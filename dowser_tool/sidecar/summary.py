@@ -1,12 +1,26 @@
-"""`dowser inspect`: what a sidecar holds, as a table, JSON or a plot."""
+"""`dowser inspect`: what a sidecar holds, as a table, JSON or a plot; and which sidecar and base
+an adapter folder made from a sidecar (`dowser sparse-adapter`) came from.
+
+The adapter's record, `ADAPTER_RECORD` beside its adapter_config.json, is defined here (written
+by `train.sparse`, read by `dowser inspect`): a JSON object with `format` RECORD_FORMAT,
+`format_version`, `tool_version`, `peft_type`, `sidecar` ({path, sha256, base_model,
+update_ratio} or null), `base_model` ({name_or_path, revision}), `update_ratio`, `sparsity`,
+`padding`, `trainable`, `protected`, `modules`, `all_protected`, `uncovered`. Torch-free.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+from pathlib import Path
 
 from ..errors import DowserError
 from .header import SidecarHeader
+
+ADAPTER_RECORD = "dowser_adapter.json"  # written beside adapter_config.json
+RECORD_FORMAT = "dowser-sparse-adapter"
+RECORD_VERSION = 1
 
 
 def summarize(path) -> dict:
@@ -102,3 +116,85 @@ def plot(summary: dict, out_png) -> None:
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+# ---- adapter folders made from a sidecar ---------------------------------------------------
+def read_adapter_record(folder) -> dict | None:
+    """The record of an adapter folder made by `sparse_adapter` (None when the folder has none)."""
+    path = Path(folder) / ADAPTER_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DowserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        raise DowserError(f"{path}: not a {RECORD_FORMAT} record")
+    return record
+
+
+def adapter_folder(path: Path) -> bool:
+    """Whether `dowser inspect PATH` means an adapter folder: one with a record, or a PEFT adapter
+    folder holding no sidecar file (a folder holding one sidecar names that sidecar)."""
+    if not path.is_dir():
+        return False
+    if (path / ADAPTER_RECORD).is_file():
+        return True
+    return (path / "adapter_config.json").is_file() and not any(path.rglob("*.dowser.safetensors"))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def summarize_adapter(folder) -> dict:
+    """An adapter folder made from a sidecar: its record, its adapter_config.json's essentials, and
+    whether the recorded sidecar is still at its path with the recorded SHA-256 ("matches",
+    "differs", "missing"). DowserError for a folder that is not such an adapter."""
+    folder = Path(folder)
+    record = read_adapter_record(folder)
+    if record is None:
+        what = "an adapter folder" if (folder / "adapter_config.json").is_file() else "a folder"
+        raise DowserError(f"{folder}: {what} without {ADAPTER_RECORD}, so not made from a sidecar by dowser "
+                          "sparse-adapter; dowser inspect reads sidecar files and the adapters made from them")
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        config = {}
+    sidecar = record.get("sidecar") if isinstance(record.get("sidecar"), dict) else None
+    status = None
+    if sidecar and sidecar.get("path"):
+        path = Path(sidecar["path"])
+        status = "missing" if not path.is_file() else "matches" if _sha256(path) == sidecar.get("sha256") else "differs"
+    keep = ("peft_type", "base_model_name_or_path", "revision", "sparsity", "target_modules")
+    return {"path": str(folder), "kind": "sparse-adapter", "record": record, "sidecar_status": status,
+            "adapter_config": {k: config.get(k) for k in keep if k in config}}
+
+
+def format_adapter_text(summary: dict) -> str:
+    record, config = summary["record"], summary["adapter_config"]
+    side = record.get("sidecar") or {}
+    base, side_base = record.get("base_model") or {}, side.get("base_model") or {}
+    status = {"matches": "found, SHA-256 matches", "differs": "found, but its SHA-256 differs (changed since)",
+              "missing": "not found at that path", None: "none recorded (masks given in memory)"}[summary["sidecar_status"]]
+    lines = [
+        f"adapter      {summary['path']} (peft {config.get('peft_type', record.get('peft_type'))} sparse adapter, "
+        f"dowser-tool {record.get('tool_version')})",
+        f"sidecar      {side.get('path', '-')}",
+        f"sha256       {side.get('sha256', '-')} ({status})",
+        f"base model   {base.get('name_or_path') or config.get('base_model_name_or_path') or '?'}"
+        + (f" @ {base['revision']}" if base.get("revision") else ""),
+        f"probed on    {side_base.get('id', '?')}" + (f" @ {side_base['sha']}" if side_base.get("sha") else ""),
+        f"sparsity     {record.get('sparsity')} (update ratio {record.get('update_ratio') or side.get('update_ratio')})",
+        f"entries      {record.get('trainable', 0):,} trainable, {record.get('protected', 0):,} protected, "
+        f"{len(record.get('modules') or {})} adapted matrices",
+    ]
+    uncovered = record.get("uncovered") or {}
+    if uncovered:
+        shown = ", ".join(list(uncovered)[:3]) + (f", ... ({len(uncovered)} in all)" if len(uncovered) > 3 else "")
+        lines.append(f"not covered  {len(uncovered)} masked tensors stay frozen: {shown}")
+    return "\n".join(lines)

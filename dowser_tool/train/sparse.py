@@ -46,10 +46,7 @@ from ..io.outputs import atomic_dir, atomic_file, check_destination
 from ..model.keys import KeyRules, match_names, peft_fold
 from ..score import validate_ratio
 from ..sidecar.file import Sidecar
-
-ADAPTER_RECORD = "dowser_adapter.json"  # written beside adapter_config.json
-RECORD_FORMAT = "dowser-sparse-adapter"
-RECORD_VERSION = 1
+from ..sidecar.summary import ADAPTER_RECORD, RECORD_FORMAT, RECORD_VERSION, read_adapter_record  # noqa: F401
 
 
 def sparse_adapter(model: torch.nn.Module, sidecar, *, update_ratio: float | None = None, adapter_name: str = "default",
@@ -316,20 +313,6 @@ def write_adapter_record(folder, record: dict) -> Path:
     with atomic_file(dest) as tmp:
         tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     return dest
-
-
-def read_adapter_record(folder) -> dict | None:
-    """The record of an adapter folder made by `sparse_adapter` (None when the folder has none)."""
-    path = Path(folder) / ADAPTER_RECORD
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DowserError(f"{path}: unreadable ({e})") from None
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        raise DowserError(f"{path}: not a {RECORD_FORMAT} record")
-    return record
 
 
 def write_untrained_adapter(base: str, sidecar, out, *, update_ratio: float | None = None, revision: str | None = None,

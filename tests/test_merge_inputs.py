@@ -24,6 +24,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from dowser_tool.errors import DowserError
 from dowser_tool.repair.merge import merge_checkpoint
 from dowser_tool.sidecar.file import SidecarData, write_sidecar
 
@@ -368,3 +369,16 @@ def test_also_a_fused_expert_fine_tune_is_named(tmp_path):
     masks = {k: torch.rand(v.shape, generator=g) < 0.9 for k, v in state_dict(base).items() if ".experts." in k}
     mask = write_sidecar(tmp_path / "m.dowser.safetensors", SidecarData(masks, info={"update_ratio": 0.1}))
     assert_refused(tmp_path, base, tmp_path / "ft", mask, "save_original_format=False")
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_2_probe_of_a_quantized_base_is_refused_naming_the_scheme(float_models, tmp_path, scheme):
+    """`dowser probe` of a quantized BASE: its codes are not weights; one line, nothing written."""
+    from dowser_tool.probe.run import ProbeSettings, probe
+
+    base = quantized_copy(float_models[0], tmp_path / "q", scheme)
+    out = tmp_path / "m.dowser.safetensors"
+    with pytest.raises(DowserError, match=r"quantized with .*dowser cannot probe quantized tensors as weights") as e:
+        probe(str(base), str(out), settings=ProbeSettings(probes=2, probe_len=4, batch_size=2, draws=1), progress=False)
+    assert "\n" not in str(e.value) and not out.exists()
+    assert not list(tmp_path.glob("m.dowser*"))

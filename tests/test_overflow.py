@@ -88,3 +88,4 @@ def test_auto_dtype_on_a_gpu_never_picks_float16():
     for stored in ("float16", "bfloat16", "float32", None):
         assert auto_gpu_dtype({"dtype": stored}, bf16_supported=True) is torch.bfloat16
         assert auto_gpu_dtype({"dtype": stored}, bf16_supported=False) is torch.float32
+

@@ -72,6 +72,8 @@ def probe(model, revision, out, include, activation_budget, resume, allow_pickle
     if summary["rank"] != 0:
         return
     click.echo(summary_line(summary))
+    if summary["unscored"]:
+        click.echo(unscored_line(summary["unscored"]))
     if card:
         from ..interop.card import write_model_card
 
@@ -94,6 +96,18 @@ def summary_line(summary: dict) -> str:
     return (f"wrote {summary['path']}: {summary['tensors']} tensors, {summary['weights']:,} weights, "
             f"{summary['protected_fraction']:.4f} protected, in {summary['seconds']:.1f}s "
             f"({', '.join(times + [reads] + notes)})")
+
+
+def unscored_line(unscored: dict) -> str:
+    """One line: how many candidate tensors the probe left unscored, and why, grouped by reason."""
+    import re
+
+    reasons: dict[str, int] = {}
+    for why in unscored.values():
+        short = re.sub(r"\b\d+\b", "N", why.split(":")[0].split(" (")[0])  # "expert 3 of ..." -> "expert N of ..."
+        reasons[short] = reasons.get(short, 0) + 1
+    parts = ", ".join(f"{n} {why}" for why, n in sorted(reasons.items(), key=lambda x: -x[1]))
+    return f"not scored: {len(unscored)} tensor{'s' if len(unscored) != 1 else ''} ({parts}); dowser inspect lists each"
 
 
 @click.command()

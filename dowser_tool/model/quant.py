@@ -12,7 +12,7 @@ Sources: transformers' quantizers (`integrations/finegrained_fp8.py`: `weight_sc
 (ceil(out/b0), ceil(in/b1)); `integrations/bitsandbytes.py` and bitsandbytes' `Int8Params`: `SCB`
 absmax per output row; GPTQ/AWQ `qweight`/`qzeros`/`scales`/`g_idx`; compressed-tensors
 `weight_packed`/`weight_scale`/`weight_zero_point`), and `quantization_config.quant_method` in
-config.json. Imports: errors only (and torch inside `dequantize`).
+config.json. Imports: errors, `io.layout` (and torch inside `dequantize`).
 """
 
 from __future__ import annotations
@@ -100,6 +100,15 @@ def detect(config: dict | None, tensors: dict[str, tuple[str, tuple[int, ...]]])
         scheme = f"fp8 (block {block[0]}x{block[1]})" if block else "fp8"
     return Quantization(scheme, method, tuple(weights), tuple(companions), _dequantizable(scheme, weights, tensors, block),
                         block)
+
+
+def detect_checkpoint(ckpt) -> Quantization | None:
+    """`detect` on an opened `io.checkpoint.Checkpoint`: its config.json and every tensor's dtype
+    and shape, read from the headers (no tensor data)."""
+    from ..io.layout import TORCH_TO_ST
+
+    tensors = {n: (TORCH_TO_ST.get(ckpt.dtype(n), str(ckpt.dtype(n))), tuple(ckpt.shape(n))) for n in ckpt.tensor_names()}
+    return detect(ckpt.config, tensors)
 
 
 def _dequantizable(scheme: str, weights, tensors, block) -> bool:

@@ -32,6 +32,7 @@ import torch
 from ..errors import DowserError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..model.anatomy import Weight  # noqa: F401  (re-exported: the names of run.py before the split)
+from ..model.quant import detect_checkpoint, refuse
 from ..model.streaming import BlockRunner
 from ..sidecar.file import OUTPUT_HEAD, SidecarData, default_sidecar_name, write_sidecar
 from .cut import MaskCutter, _holds_exactly, _tensor_info, gather, probe_info  # noqa: F401
@@ -59,6 +60,9 @@ class ProbeRun:
     def __init__(self, ckpt: Checkpoint, settings: ProbeSettings, progress: bool = True, spill_dir=None):
         settings.validate()
         self.ckpt, self.s, self.progress = ckpt, settings, progress
+        quantized = detect_checkpoint(ckpt)
+        if quantized is not None:  # its codes are not weights: scoring them would be silently wrong
+            raise refuse(quantized, ckpt.where, "probe")
         self.device, self.dtype = resolve_device_dtype(settings.device, settings.dtype, ckpt.config or {})
         if settings.resident not in ("auto", "always", "never"):
             raise DowserError(f"--resident must be auto, always or never, got {settings.resident!r}")
@@ -315,6 +319,7 @@ def _summary(run: ProbeRun, data: SidecarData, dest: Path, rank: int, world: int
         "wait_s": run.runner.wait_seconds,
         "bytes_read": run.ckpt.bytes_read,
         "sha": run.ckpt.sha,
+        "unscored": dict(run.unscored),
         "dtype": str(run.dtype).replace("torch.", ""),
         "device": run.device.type,
     }

@@ -20,7 +20,7 @@ from ..errors import DowserError
 from ..io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from ..io.layout import TORCH_TO_ST, itemsize
 from ..model.keys import KeyRules, NameMap
-from ..model.quant import Quantization, detect, refuse
+from ..model.quant import Quantization, detect_checkpoint, refuse
 from ..sidecar.file import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, weight_fingerprint
 from .lora import is_adapter, open_adapter
 
@@ -118,8 +118,7 @@ def refuse_quantized(ckpt: Checkpoint, role: str, dequantize_ok: bool = False) -
     floats written into them (or theirs restored into floats) would be silently wrong. With
     `dequantize_ok` (FT), a bitsandbytes 8-bit or block-scaled FP8 checkpoint, whose float weights
     `model.quant.dequantize` rebuilds from what is stored, is returned instead: merged dequantized."""
-    tensors = {n: (TORCH_TO_ST.get(ckpt.dtype(n), str(ckpt.dtype(n))), tuple(ckpt.shape(n))) for n in ckpt.tensor_names()}
-    found = detect(ckpt.config, tensors)
+    found = detect_checkpoint(ckpt)
     if found is None:
         return None
     if dequantize_ok and found.dequantizable and (found.scheme == "bitsandbytes 8-bit" or found.scheme.startswith("fp8")):

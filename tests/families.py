@@ -264,6 +264,89 @@ def _build_mixtral(out: Path, seed: int = 0) -> Path:
     return _causal_lm("mixtral", _llama2_tok(), out, seed, num_local_experts=4, num_experts_per_tok=2)
 
 
+# --------------------------------------------------------------------------------------------------- hybrid layer kinds
+# Layer kinds other than attention + MLP (issue 21): short convolutions, Mamba / Mamba2 mixers, gated DeltaNet linear
+# attention, routers held as `...TopKRouter` modules, shared experts. Layer 0 is the other kind, layer 1 attention.
+
+
+def _build_lfm2(out: Path, seed: int = 0) -> Path:
+    # LiquidAI/LFM2-350M: ChatML-style byte-level tokenizer with <|startoftext|>; conv layers (short convolution:
+    # in_proj -> depthwise conv1d -> out_proj) and attention layers; SwiGLU feed_forward.w1/w2/w3; tied
+    tok = _tokenizer("Qwen2Tokenizer", "bytes", ["<|pad|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>"],
+                     chat_template=CHATML_NOSYS, bos_token="<|startoftext|>", eos_token="<|im_end|>",
+                     pad_token="<|pad|>", unk_token=None)
+    return _causal_lm("lfm2", tok, out, seed, layer_types=["conv", "full_attention"], conv_L_cache=3,
+                      block_auto_adjust_ff_dim=False, block_ff_dim=64)
+
+
+def _build_jamba(out: Path, seed: int = 0) -> Path:
+    # ai21labs/Jamba: layer 0 Mamba (in_proj, x_proj, dt_proj, out_proj; conv1d, A_log, D) + dense MLP, layer 1
+    # attention + MoE (router module feed_forward.router, 4 experts saved per expert, fused in memory)
+    return _causal_lm("jamba", _llama2_tok(chat_template=None), out, seed, attn_layer_period=2,
+                      attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1, num_experts=4,
+                      num_experts_per_tok=2, mamba_d_state=8, mamba_dt_rank=4, mamba_expand=2, mamba_d_conv=4,
+                      use_mamba_kernels=False)
+
+
+def _build_qwen3_next(out: Path, seed: int = 0) -> Path:
+    # Qwen/Qwen3-Next-80B-A3B: layer 0 gated DeltaNet (linear_attn: in_proj_qkvz, in_proj_ba, conv1d, A_log,
+    # dt_bias, out_proj), layer 1 gated full attention; every layer MoE with a shared expert and shared_expert_gate
+    return _causal_lm("qwen3_next", _qwen_tok(chat_template=CHATML_NOSYS), out, seed,
+                      layer_types=["linear_attention", "full_attention"], num_experts=4, num_experts_per_tok=2,
+                      moe_intermediate_size=16, shared_expert_intermediate_size=16, linear_num_key_heads=2,
+                      linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_conv_kernel_dim=4)
+
+
+def _build_granitemoehybrid(out: Path, seed: int = 0) -> Path:
+    # ibm-granite/granite-4.0-h-tiny: layer 0 Mamba2 (in_proj, conv1d, A_log, D, dt_bias, gated norm, out_proj), layer
+    # 1 attention; every layer MoE with experts stored fused on disk (block_sparse_moe.input_linear/output_linear)
+    # and a shared MLP. save_pretrained writes time_step_limit [0.0, {"__float__": "Infinity"}] as transformers does.
+    tok = _byte_level_backend(["<|end_of_text|>", "<|start_of_role|>", "<|end_of_role|>", "<|pad|>"],
+                              bos_token="<|end_of_text|>", eos_token="<|end_of_text|>", pad_token="<|pad|>")
+    return _causal_lm("granitemoehybrid", tok, out, seed, layer_types=["mamba", "attention"], num_local_experts=4,
+                      num_experts_per_tok=2, mamba_d_state=8, mamba_n_heads=4, mamba_d_head=16, mamba_n_groups=1,
+                      mamba_d_conv=4, mamba_expand=2, shared_intermediate_size=32)
+
+
+def _build_florence2(out: Path, seed: int = 0) -> Path:
+    # microsoft/Florence-2-base (transformers' florence2): DaViT vision tower + projector into a BART
+    # encoder-decoder; get_decoder() leads to the BART decoder (2 layers: self-attention, cross-attention to the
+    # encoder, MLP); the BART encoder (1 layer) is a second stack the probe does not score. Tied.
+    from transformers import Florence2Config, Florence2ForConditionalGeneration
+
+    tok = _tokenizer("BartTokenizer", "bytes", ["<s>", "<pad>", "</s>", "<unk>", "<mask>", "<image>"], bos_token="<s>",
+                     pad_token="<pad>", eos_token="</s>", unk_token="<unk>", mask_token="<mask>", chat_template=None)
+    vision = dict(depths=[1, 1], patch_size=[7, 3], patch_stride=[4, 2], patch_padding=[3, 1],
+                  patch_prenorm=[False, True], embed_dim=[16, 32], num_heads=[2, 4], num_groups=[2, 4], window_size=2,
+                  drop_path_rate=0.0, projection_dim=32, max_position_embeddings=8, max_temporal_embeddings=4)
+    text = dict(model_type="bart", vocab_size=_vocab_size(tok), d_model=32, encoder_layers=1, decoder_layers=2,
+                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                max_position_embeddings=64, bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id, decoder_start_token_id=tok.eos_token_id,
+                forced_eos_token_id=tok.eos_token_id)
+    cfg = Florence2Config(vision_config=vision, text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    return _save(Florence2ForConditionalGeneration, cfg, out, seed, tok)
+
+
+def build_qwen2_reward(base: Path, out: Path, seed: int = 1) -> Path:
+    """A reward model fine-tuned from the Qwen2 checkpoint ``base`` (``_build_qwen2``), as OpenRLHF and TRL save
+    one: ``Qwen2ForSequenceClassification`` (num_labels 1, a ``score`` head instead of ``lm_head``), every decoder
+    weight moved by seeded noise (scale 1e-2), the score head drawn from the seed."""
+    from transformers import Qwen2ForSequenceClassification
+
+    torch.manual_seed(seed)
+    model = Qwen2ForSequenceClassification.from_pretrained(base, num_labels=1, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.add_(torch.randn_like(p) * 1e-2) if not name.startswith("score.") else p.normal_(0.0, 0.02)
+    out = Path(out)
+    model.save_pretrained(out)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
 # --------------------------------------------------------------------------------------------------- VLM helpers
 
 NOISE_SIZE = 16  # default side (px) of the noise images the VLM fixtures are sized for; see Family.image_size
@@ -918,8 +1001,8 @@ def _build_nvila_hf(out: Path, seed: int = 0) -> Path:
 class Family:
     """One model family of the test matrix.
 
-    ``name``: the key in FAMILIES (transformers model_type, or nvila_folder / nvila_hf); ``kind``: "text" or
-    "vlm"; ``build(out, seed=0) -> out``: writes the checkpoint folder ``out`` (must not exist, or be empty);
+    ``name``: the key in FAMILIES (transformers model_type, or nvila_folder / nvila_hf); ``kind``: "text",
+    "vlm" or "seq2seq" (an encoder-decoder, loaded with AutoModelForImageTextToText); ``build(out, seed=0) -> out``: writes the checkpoint folder ``out`` (must not exist, or be empty);
     ``notes``: what the family exercises; ``image_size``: side (px) of the noise images it is sized for (VLMs)."""
 
     name: str
@@ -952,6 +1035,19 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                  "transformers fuses experts into 3-D gate_up_proj/down_proj"),
     _family("mixtral", "text", "every layer MoE (4 experts top-2), saved per expert with the legacy names "
                                "block_sparse_moe.experts.N.w1/w2/w3 and block_sparse_moe.gate"),
+    _family("lfm2", "text", "layer 0 short convolution (conv.in_proj, depthwise conv.conv kernel, conv.out_proj), "
+                            "layer 1 attention; feed_forward.w1/w2/w3; tied"),
+    _family("jamba", "text", "layer 0 Mamba mixer (in_proj, x_proj, dt_proj, out_proj; conv1d kernel, A_log, D) + MLP, "
+                             "layer 1 attention + MoE (feed_forward.router module, 4 experts saved per expert)"),
+    _family("qwen3_next", "text", "layer 0 gated DeltaNet linear attention (in_proj_qkvz, in_proj_ba, out_proj; "
+                                  "conv1d kernel, A_log, dt_bias), layer 1 gated attention; MoE with shared expert "
+                                  "and shared_expert_gate in every layer"),
+    _family("granitemoehybrid", "text", "layer 0 Mamba2 mixer, layer 1 attention; MoE experts stored fused on disk "
+                                        "(not scored, listed), router module, shared MLP; config.json as "
+                                        "save_pretrained writes it: time_step_limit [0.0, {\"__float__\": "
+                                        "\"Infinity\"}]"),
+    _family("florence2", "seq2seq", "encoder-decoder: DaViT vision tower + BART (1 encoder layer, 2 decoder layers "
+                                    "with cross-attention); the decoder stack is scored, the encoder listed; tied"),
     _family("llava", "vlm", "CLIP tower, feature layer -2 (last CLIP layer unused), CLS dropped, 2-layer MLP "
                             "projector; <image> expands to 4 tokens; forward needs nothing beyond the processor"),
     _family("llava_next", "vlm", "any-resolution tiles (image_grid_pinpoints) + base image, image_newline "

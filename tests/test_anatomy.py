@@ -96,7 +96,7 @@ def test_anatomy_of_every_family(tmp_path, name):
 
     folder = build(name, tmp_path / name)
     a = anatomy_of(folder)
-    assert len(a.layers) == a.text_config.num_hidden_layers
+    assert len(a.layers) == (getattr(a.text_config, "decoder_layers", None) or a.text_config.num_hidden_layers)
     assert a.embed is not None and a.head is not None
     model = a.model
     for i in range(len(a.layers)):
@@ -104,11 +104,15 @@ def test_anatomy_of_every_family(tmp_path, name):
         # every linear module of the layer is scored (as one weight, or one per expert and projection)
         linears = [n for n, m in a.layers[i].named_modules()
                    if isinstance(m, (torch.nn.Linear, transformers.pytorch_utils.Conv1D))]
-        plain = [w for w in weights if w.expert is None]
+        plain = [w for w in weights if w.kind != "expert"]  # not a per-expert slice, nor a stored 3-D stack
         assert len(plain) == len(linears)
+        routers, _ = a.moe_parts(i)
+        assert {w.module for w in weights if w.kind == "router"} <= {f"{a.layers_path}.{i}.{r}" for r in routers}
+        unscored = a.unscored(i)
+        assert not set(unscored) & {w.key for w in weights}
         for w in weights:
             shape = a.shapes[w.key]
-            assert len(shape) == 2 and w.key in a.keys.param_of
+            assert len(shape) == (3 if w.kind == "expert" and w.expert is None else 2) and w.key in a.keys.param_of
             if w.expert is not None:  # a per-expert tensor inside its fused 3-D parameter
                 fused = model.get_parameter(w.param)
                 assert w.rows[1] - w.rows[0] == shape[0] and fused.shape[0] > w.expert
@@ -125,4 +129,70 @@ def test_anatomy_of_every_family(tmp_path, name):
     assert bool(a.tied) == (name in TIED), a.tied
 
 
-TIED = {"gemma2", "gemma3_text", "gemma3", "gpt2", "paligemma", "internvl"}  # as these families ship
+TIED = {"gemma2", "gemma3_text", "gemma3", "gpt2", "paligemma", "internvl", "lfm2", "florence2"}  # as these ship
+
+
+# ---- issue 21: what is scored is decided by what a module is --------------------------------------------------
+HYBRIDS = {  # family: (decoder-layer linears that must be scored, tensors listed with the reason's first word)
+    "lfm2": (["model.layers.0.conv.in_proj.weight", "model.layers.0.conv.out_proj.weight",
+              "model.layers.0.feed_forward.w2.weight"],
+             {"model.layers.0.conv.conv.weight": "convolution"}),
+    "jamba": (["model.layers.0.mamba.in_proj.weight", "model.layers.0.mamba.x_proj.weight",
+               "model.layers.0.mamba.dt_proj.weight", "model.layers.0.mamba.out_proj.weight",
+               "model.layers.0.feed_forward.down_proj.weight", "model.layers.1.feed_forward.experts.3.down_proj.weight"],
+              {"model.layers.0.mamba.conv1d.weight": "convolution", "model.layers.0.mamba.A_log": "state-space",
+               "model.layers.0.mamba.D": "state-space", "model.layers.1.feed_forward.router.weight": "router"}),
+    "qwen3_next": (["model.layers.0.linear_attn.in_proj_qkvz.weight", "model.layers.0.linear_attn.in_proj_ba.weight",
+                    "model.layers.0.linear_attn.out_proj.weight", "model.layers.0.mlp.shared_expert.up_proj.weight",
+                    "model.layers.0.mlp.shared_expert_gate.weight", "model.layers.1.mlp.experts.0.gate_proj.weight"],
+                   {"model.layers.0.linear_attn.conv1d.weight": "convolution",
+                    "model.layers.0.linear_attn.A_log": "state-space", "model.layers.0.linear_attn.dt_bias": "state-space",
+                    "model.layers.0.mlp.gate.weight": "router"}),
+    "granitemoehybrid": (["model.layers.0.mamba.in_proj.weight", "model.layers.0.mamba.out_proj.weight",
+                          "model.layers.0.shared_mlp.input_linear.weight"],
+                         {"model.layers.0.mamba.conv1d.weight": "convolution",
+                          "model.layers.0.mamba.dt_bias": "state-space",
+                          "model.layers.0.block_sparse_moe.router.layer.weight": "router"}),
+}
+
+
+@pytest.mark.parametrize("name", list(HYBRIDS))
+def test_every_layer_kind_is_scored_by_what_its_modules_are(tmp_path, name):
+    """Mamba, short-convolution and linear-attention projections and shared experts are scored (not taken for
+    routers because a convolution kernel's first dimension equals their output size); convolution kernels and
+    state-space parameters are listed with their reason, never as fused experts; routers are the MoE block's."""
+    a = anatomy_of(build(name, tmp_path / name))
+    scored = {w.key: w for i in range(len(a.layers)) for w in a.decoder_weights(i)}
+    unscored = {k: r for i in range(len(a.layers)) for k, r in a.unscored(i).items()}
+    must, listed = HYBRIDS[name]
+    for key in must:
+        assert key in scored and scored[key].kind != "router", key
+    for key, reason in listed.items():
+        assert unscored.get(key, "").startswith(reason), (key, unscored.get(key))
+    assert not any(w.kind == "router" for w in scored.values())  # every router here is a ...TopKRouter module
+    stacks = [k for k, shape in a.shapes.items() if len(shape) == 3 and ".conv" not in k]  # experts stored fused
+    assert all(k in scored or unscored.get(k, "").startswith("fused") for k in stacks), stacks
+
+
+def test_config_with_infinite_limit_is_read_as_transformers_reads_it(tmp_path):
+    """GraniteMoeHybrid saved by save_pretrained: time_step_limit [0.0, {"__float__": "Infinity"}] in config.json."""
+    import json
+    import math
+
+    folder = build("granitemoehybrid", tmp_path / "g")
+    raw = json.loads((folder / "config.json").read_text())
+    assert raw["time_step_limit"][1] == {"__float__": "Infinity"}
+    a = anatomy_of(folder)
+    assert math.isinf(a.model.config.time_step_limit[1])
+
+
+def test_encoder_decoder_scores_the_decoder_stack(tmp_path):
+    """Florence-2: get_decoder() leads to BART's decoder; the encoder stack is named as not scored."""
+    a = anatomy_of(build("florence2", tmp_path / "f"))
+    assert a.layers_path == "model.language_model.decoder.layers" and len(a.layers) == 2
+    assert a.other_stacks == ["model.language_model.encoder.layers"]
+    assert "model.language_model.encoder.layers" in a.stack_note()
+    outside = a.unscored_outside()
+    assert outside and all(k.startswith("model.language_model.encoder.layers.0.") for k in outside)
+    assert any("encoder_attn" in w.key for w in a.decoder_weights(0))  # cross-attention is scored
+    assert not [w for w in a.stem_weights("projector") if ".encoder.layers." in w.key]

@@ -23,10 +23,11 @@ NUM2WORDS = importlib.util.find_spec("num2words") is not None
 
 MATRIX = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "qwen3_moe", "mixtral",
           "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm",
-          "paligemma", "gemma3", "internvl", "mllama", "mistral3", "nvila_folder", "nvila_hf"]
+          "paligemma", "gemma3", "internvl", "mllama", "mistral3", "nvila_folder", "nvila_hf",
+          "lfm2", "jamba", "qwen3_next", "granitemoehybrid", "florence2"]
 TEXT = [n for n in MATRIX if FAMILIES[n].kind == "text"]
 VLM = [n for n in MATRIX if FAMILIES[n].kind == "vlm" and not n.startswith("nvila")]
-TIED = {"gemma2", "gemma3_text", "gpt2", "paligemma", "gemma3", "internvl"}
+TIED = {"gemma2", "gemma3_text", "gpt2", "paligemma", "gemma3", "internvl", "lfm2", "florence2"}
 # text-config facts each fixture is built to have (layers that differ from layer 0)
 LAYOUT = {
     "mistral": {"sliding_window": 8},
@@ -114,7 +115,24 @@ def _text_forward(model, tok, vocab):
 
 def test_matrix_is_registered():
     assert sorted(FAMILIES) == sorted(MATRIX)
-    assert all(f.notes and f.kind in {"text", "vlm"} for f in FAMILIES.values())
+    assert all(f.notes and f.kind in {"text", "vlm", "seq2seq"} for f in FAMILIES.values())
+
+
+@pytest.mark.parametrize("name", [n for n in MATRIX if FAMILIES[n].kind == "seq2seq"])
+def test_seq2seq_family(name, built, tmp_path):
+    """An encoder-decoder: the text goes to the encoder and, as decoder_input_ids, to the decoder."""
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+
+    folder = built(name)
+    model = _load(AutoModelForImageTextToText, folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    _assert_common(name, folder, model, tok)
+    ids = tok("the quick brown fox jumps over the lazy dog twice", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        logits = model(input_ids=ids, decoder_input_ids=ids).logits
+    assert logits.shape == (1, ids.shape[1], model.config.get_text_config().vocab_size)
+    assert torch.isfinite(logits).all()
+    _assert_round_trip(model, folder, tmp_path)
 
 
 def _checked(name, folder, auto_cls, tmp_path):

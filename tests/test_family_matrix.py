@@ -3,7 +3,9 @@
 For each family (tests/families.py, built from transformers configs at tiny size): the probe
 keeps exactly round(rho * numel) entries of each matrix trainable; `dowser merge` gives protected
 entries BASE's bits and the others FT's; the output loads with `from_pretrained` and holds exactly
-those values; `protect` keeps protected entries bit-identical under AdamW with weight decay.
+those values; `protect` keeps protected entries bit-identical under AdamW with weight decay; every
+Linear/Conv1D weight and every 3-D expert stack of every decoder layer of the model in memory is
+scored or listed in the sidecar's `unscored` with its reason (issue 21).
 Streamed statistics equal the in-memory oracle on the families whose layers differ.
 """
 
@@ -49,7 +51,7 @@ def in_memory(name, folder):
         sd = {k[len("llm."):]: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("llm.")}
         llm.load_state_dict(sd, strict=True)
         return torch.nn.ModuleDict({"llm": llm.float()})
-    auto = AutoModelForImageTextToText if FAMILIES[name].kind == "vlm" else AutoModelForCausalLM
+    auto = AutoModelForCausalLM if FAMILIES[name].kind == "text" else AutoModelForImageTextToText
     model, info = auto.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model
@@ -121,6 +123,59 @@ def test_probe_merge_load_protect(tmp_path, name):
     moved = [n for n in handle.names if not torch.equal(now[n], before[n])]
     assert moved  # trainable entries did train
 
+    assert_every_decoder_weight_accounted_for(name, model, sc)
+
+
+def decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
+    """(path, layer) of the decoder layers of a model in memory, found independently of the tool: the model's own
+    `get_decoder()` (followed while it leads to a decoder of its own: an encoder-decoder language model), then the
+    ModuleList of its `_no_split_modules` blocks there."""
+    root = model["llm"] if isinstance(model, torch.nn.ModuleDict) else model
+    decoder = root.get_decoder()
+    while hasattr(decoder, "get_decoder") and decoder.get_decoder() is not decoder:
+        decoder = decoder.get_decoder()
+    blocks = set(root._no_split_modules)
+    lists = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+             and type(m[0]).__name__ in blocks and any(x is m for x in decoder.modules())]
+    assert len(lists) == 1, [n for n, _ in lists]
+    path, layers = lists[0]
+    return [(f"{path}.{i}", layer) for i, layer in enumerate(layers)]
+
+
+def assert_every_decoder_weight_accounted_for(name, model, sc):
+    """Every Linear/Conv1D weight of every decoder layer of the model in memory is scored, or listed in the
+    sidecar's `unscored` with a reason; so is every 3-D expert stack (per expert, or the stack); nothing is listed as
+    a router but a router, no convolution kernel as an expert stack."""
+    from transformers.pytorch_utils import Conv1D
+
+    rules = KeyRules.of_model(model) if name not in NVILA else KeyRules(None)
+    unscored = sc.metadata.get("unscored") or {}
+    scored = {rules.loads_into(n) for n in sc.names}  # a stored 3-D expert stack: the parameter it loads into
+    listed = {rules.loads_into(n): r for n, r in unscored.items()}
+    shapes = {n: tuple(sc.mask(n).shape) for n in sc.names}
+    experts = {param for param, _, _ in rules.expert_placement(shapes).values()}
+    for path, layer in decoder_layers(model):
+        for sub, mod in layer.named_modules():
+            here = f"{path}.{sub}" if sub else path
+            if isinstance(mod, (torch.nn.Linear, Conv1D)):
+                w = f"{here}.weight"
+                assert w in scored or w in listed, f"{name}: decoder-layer linear {w} is neither scored nor listed"
+                if w in listed and listed[w].startswith("router"):
+                    assert any(k in type(m).__name__.lower() or k in here.split(".")
+                               for m in (mod,) for k in ("router", "gate")), (w, listed[w])
+            for pname, p in mod.named_parameters(recurse=False):
+                w = f"{here}.{pname}"
+                if p.dim() == 3 and not isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
+                    assert w in experts or w in scored or w in listed, f"{name}: expert stack {w} is neither scored nor listed"
+                if isinstance(mod, torch.nn.Conv1d) and pname == "weight":
+                    assert "convolution kernel" in listed.get(w, ""), (w, listed.get(w))
+    if FAMILIES[name].kind == "seq2seq":  # the encoder stack is named as not scored, the decoder's as scored
+        decoder = decoder_layers(model)[0][0].rpartition(".")[0]
+        encoder = {n: r for n, r in unscored.items() if ".encoder.layers." in n}
+        assert encoder and all(f"scores the decoder stack {decoder}" in r for r in encoder.values()), encoder
+    for n, reason in unscored.items():
+        assert reason and not (reason.startswith("fused 3-D") and "conv" in n.rsplit(".", 2)[-2]), (n, reason)
+
 
 VLMS = [n for n, f in FAMILIES.items() if f.kind == "vlm" and n not in NVILA]
 
@@ -148,9 +203,11 @@ def test_image_probes_through_the_models_processor(tmp_path, name):
 
 
 # Families whose layers differ, fused projections, Conv1D, cross-attention, images into the vision
-# tower and projector, experts, NVILA's LLM: streamed statistics equal the in-memory oracle.
+# tower and projector, experts, NVILA's LLM, Mamba / Mamba2 / short-convolution / gated-DeltaNet layers:
+# streamed statistics equal the in-memory oracle.
 ORACLE = [("gemma3_text", False), ("qwen2", False), ("phi3", False), ("gpt2", False), ("mllama", True),
-          ("qwen2_5_vl", True), ("qwen3_moe", False), ("mixtral", False), ("nvila_folder", False), ("nvila_hf", False)]
+          ("qwen2_5_vl", True), ("qwen3_moe", False), ("mixtral", False), ("nvila_folder", False), ("nvila_hf", False),
+          ("jamba", False), ("lfm2", False), ("qwen3_next", False)]
 
 
 @pytest.mark.parametrize("name,images", ORACLE)

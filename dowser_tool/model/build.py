@@ -1,12 +1,13 @@
 """Building a model's skeleton: the transformers class a config names, every parameter on `meta`.
 
-Owns: `build_model` (the class from `architectures`, else the Auto classes), `parameters_on_meta`,
+Owns: `load_config` (a config.json dict read as `from_pretrained` reads it), `build_model` (the class from `architectures`, else the Auto classes), `parameters_on_meta`,
 and NVILA's text component (`text_component`). Imports: errors only (and transformers).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from torch import nn
@@ -46,20 +47,38 @@ def parameters_on_meta():
         nn.Module.register_parameter = original
 
 
-def build_model(config: dict, dtype: torch.dtype, where: str) -> nn.Module:
-    """The transformers model a config describes (its `architectures` class, else the causal-LM or
-    image-text-to-text Auto class), parameters on meta, eval mode, no gradients."""
+def load_config(config: dict, where: str):
+    """The transformers config object a config.json dict describes, read as `from_pretrained` reads it:
+    transformers' JSON extensions decoded (`{"__float__": "Infinity"}`, written for `inf`/`nan` values
+    such as Mamba hybrids' `time_step_limit`), then the model type's config class `from_dict`.
+    DowserError when transformers does not know the model type."""
     import transformers
-    from transformers import AutoConfig
+    from transformers import PretrainedConfig
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     model_type = config.get("model_type")
     try:
-        cfg = AutoConfig.for_model(**config)
-    except (ValueError, KeyError):
+        config_class = CONFIG_MAPPING[model_type]
+    except KeyError:
         raise DowserError(
             f"{where}: no transformers class for model_type {model_type!r} (transformers {transformers.__version__}); "
             "dowser merge and protect still work when tensor names match"
         ) from None
+    decoded = PretrainedConfig._decode_special_floats(copy.deepcopy(config))
+    try:
+        return config_class.from_dict(decoded)
+    except Exception as e:  # transformers' own validation: one line, not a traceback
+        raise DowserError(f"{where}: transformers cannot read this {model_type!r} config: "
+                          f"{(str(e).splitlines() or [type(e).__name__])[0]}") from None
+
+
+def build_model(config: dict, dtype: torch.dtype, where: str) -> nn.Module:
+    """The transformers model a config describes (its `architectures` class, else the causal-LM or
+    image-text-to-text Auto class), parameters on meta, eval mode, no gradients."""
+    import transformers
+
+    model_type = config.get("model_type")
+    cfg = load_config(config, where)
     classes = [getattr(transformers, a, None) for a in (config.get("architectures") or [])]
     classes = [c for c in classes if c is not None and hasattr(c, "_from_config")]
     classes += [transformers.AutoModelForCausalLM, transformers.AutoModelForImageTextToText]

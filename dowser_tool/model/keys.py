@@ -170,9 +170,6 @@ def expert_slices(converter, pattern_of: dict[str, str], shapes: dict) -> dict[s
     return out
 
 
-    return "attention" if any("attn" in n or "attention" in n for n in names) else "mlp"
-
-
 # ---- names across checkpoints and models (merge, protect, masks) -----------------------------------
 _BUILT: dict[str, nn.Module] = {}
 
@@ -186,6 +183,8 @@ def _shared_build(config: dict, where: str) -> nn.Module:
         _BUILT.clear()  # keep one skeleton: they are cheap to rebuild, not to hold by the dozen
         _BUILT[key] = build_model(config, torch.float32, where)
     return _BUILT[key]
+
+
 @dataclass(frozen=True)
 class RoleTensors:
     """Which tensor of one checkpoint (or model) plays each role, by its own name (None: absent).
@@ -288,6 +287,20 @@ class KeyRules:
             renamed = key
         return renamed
 
+    def loads_into(self, key: str) -> str:
+        """The in-memory parameter a checkpoint key loads into: `canonical`, and for a key a weight
+        converter turns into a parameter (a fused expert stack stored under its own name, as
+        GraniteMoeHybrid's `block_sparse_moe.input_linear.weight`), that parameter."""
+        canon = self.canonical(key)
+        if self.model is None or canon in self._meta:
+            return canon
+        from transformers.core_model_loading import rename_source_key
+
+        folded = fold_key(key)
+        folded = folded[len(self.prefix):] if self.prefix and folded.startswith(self.prefix) else folded
+        target, _ = rename_source_key(folded, self._renamings, self._converters, self._base_prefix, self._meta)
+        return target if target in self._meta else canon
+
     def expert_placement(self, shapes: dict) -> dict[str, tuple[str, int, tuple[int, int]]]:
         """For per-expert checkpoint tensors (`shapes`: {key: shape}) that loading fuses into 3-D
         parameters: {key: (parameter name, expert index, row range)}. Other keys are left out."""
@@ -378,9 +391,15 @@ class NameMap:
         return self._to_canon[name]
 
 
-def match_names(wanted, available, rules: KeyRules) -> tuple[dict[str, str], list[str]]:
+def match_names(wanted, available, rules: KeyRules, sidecar=None) -> tuple[dict[str, str], list[str]]:
     """Pair names of one layout (a sidecar's checkpoint keys) with names of another (a model's
     in-memory parameter names, PEFT-wrapped or not) through their canonical names.
+
+    With `sidecar` (an object with `shapes[name]` and `fingerprint(name)`, as `Sidecar`) and a model
+    of a known family (`rules.model`), a sidecar probed on a composite checkpoint (NVILA's `llm.*`,
+    a VLM's `model.language_model.*`) also reaches that language model loaded on its own: the
+    composite's prefix is mapped (`composite_alias`) when every mapped tensor's shape agrees, and
+    its fingerprint where the sidecar records one.
 
     Returns (wanted name -> available name, wanted names that match nothing). Raises DowserError
     when two available names fold to one canonical name.
@@ -398,4 +417,107 @@ def match_names(wanted, available, rules: KeyRules) -> tuple[dict[str, str], lis
             missing.append(name)
         else:
             matched[name] = hit
+    if missing and sidecar is not None and rules.model is not None:
+        tensors = {fold_key(n): p for n, p in rules.model.named_parameters(remove_duplicate=False)}
+        tensors = {rules.canonical(n): p for n, p in tensors.items()}
+        alias = composite_alias({n: tuple(sidecar.shapes[n]) for n in missing}, tensors, rules,
+                                fingerprint=getattr(sidecar, "fingerprint", None))
+        for name, canon in alias.items():
+            if canon in by_canonical:
+                matched[name] = by_canonical[canon]
+        missing = [n for n in missing if n not in matched]
     return matched, missing
+
+
+def mask_aliases(sidecar, name_map: NameMap, shape_of) -> dict[str, str]:
+    """For `dowser merge` of a checkpoint that is the language model of the composite a sidecar was
+    probed on (NVILA's `llm/`, a VLM's LLM fine-tuned alone): {sidecar name: canonical name in the
+    checkpoint behind `name_map`} for the sidecar names it does not hold as they are, mapped by
+    `composite_alias` (shapes must agree; fingerprints are checked as the merge reads BASE).
+    `shape_of(checkpoint name)` gives a stored tensor's shape."""
+    rules = name_map.rules
+    unmatched = {n: tuple(sidecar.shapes[n]) for n in sidecar.names if rules.canonical(n) not in name_map}
+    if not unmatched:
+        return {}
+    shapes = {c: tuple(shape_of(name_map.to_checkpoint(c))) for c in name_map.canonical_names()}
+    return composite_alias(unmatched, shapes, rules)
+
+
+def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fingerprint=None) -> dict[str, str]:
+    """{wanted name: canonical name in `tensors`} for the names of a composite checkpoint (a VLM, NVILA)
+    whose language model `tensors` holds on its own, else {}.
+
+    `wanted`: {name: shape} of names that match nothing directly; `tensors`: {canonical name: tensor
+    or shape} of the model alone. The composite's prefix P and the model's Q (`llm.` -> ``,
+    `model.language_model.` -> `model.`, `language_model.model.` -> `model.`) come from the longest
+    dotted suffixes that name exactly one tensor of the model; the most common (P, Q) is taken, and
+    applies only if every wanted name under P maps to a tensor of the same shape. Where
+    `fingerprint(name)` records one, the weight must have that fingerprint (in its dtype or a float
+    dtype checkpoints are stored in: the model may be loaded upcast), else DowserError: same shapes,
+    other weights."""
+    from collections import Counter
+
+    suffixes: dict[str, set[str]] = {}
+    for canon in tensors:
+        parts = canon.split(".")
+        for k in range(len(parts)):
+            suffixes.setdefault(".".join(parts[k:]), set()).add(canon)
+    votes: Counter = Counter()
+    for name in wanted:
+        parts = rules.canonical(name).split(".")
+        for k in range(1, len(parts)):
+            hits = suffixes.get(".".join(parts[k:]))
+            if hits:
+                if len(hits) == 1:
+                    (hit,) = hits
+                    suffix = ".".join(parts[k:])
+                    votes[(".".join(parts[:k]) + ".", hit[: len(hit) - len(suffix)])] += 1
+                break
+    if not votes:
+        return {}
+    (p, q), _ = votes.most_common(1)[0]
+    alias = {}
+    for name in wanted:
+        canon = rules.canonical(name)
+        if not canon.startswith(p):
+            continue
+        target = rules.canonical(q + canon[len(p):])
+        if target not in tensors or _shape(tensors[target]) != tuple(wanted[name]):
+            return {}
+        alias[name] = target
+    checked = 0
+    for name, target in alias.items():
+        expected = fingerprint(name) if fingerprint is not None else None
+        if expected is None or not torch.is_tensor(tensors[target]) or tensors[target].device.type == "meta":
+            continue
+        if not _fingerprint_agrees(tensors[target], expected):
+            raise DowserError(
+                f"the mask was probed on a model holding this one under {p!r} ({name!r}), but {target!r} is not the "
+                f"weight it was probed on (its fingerprint differs in {tensors[target].dtype} and every storage dtype): "
+                "another model, or loaded in a narrower dtype than it is stored in")
+        checked += 1
+        if checked >= 16:  # enough to tell another model's weights from these
+            break
+    return alias
+
+
+def _shape(t) -> tuple:
+    return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
+
+
+def _fingerprint_agrees(weight: torch.Tensor, expected: str) -> bool:
+    """Whether `weight` has the fingerprint the probe recorded (docs/FORMAT.md, `tensor_info`
+    "fingerprint": SHA-256 of every ceil(nbytes / 65536)-th byte of the stored tensor; the same
+    definition as `sidecar.file.weight_fingerprint`), in its own dtype or a storage float dtype."""
+    import hashlib
+
+    w = weight.detach()
+    for dtype in dict.fromkeys((w.dtype, torch.bfloat16, torch.float16, torch.float32)):
+        try:
+            raw = w.to(dtype).contiguous().reshape(-1).view(torch.uint8).cpu()
+        except (RuntimeError, TypeError):
+            continue
+        step = max(1, -(-raw.numel() // (1 << 16)))
+        if hashlib.sha256(raw[::step].contiguous().numpy().tobytes()).hexdigest() == expected:
+            return True
+    return False

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import DowserError
 from ..model.anatomy import Weight
+from ..model.experts import is_stack, stacked_out_in
 from .settings import ProbeSettings, parse_layers
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ class WeightSelection:
         self.layers = parse_layers(settings.layers, n_layers)
         self.unscored: dict[str, str] = {}
         self.by_layer = {i: self._decoder_weights(i) if i in self.layers else [] for i in range(n_layers)}
+        self.unscored.update(anatomy.unscored_outside())  # other layer stacks (an encoder-decoder's encoder)
         self.head_weights = [anatomy.head_weight()] if "lm_head" in settings.include else []
         if self.head_weights == [None]:
             raise DowserError(f"{where}: --include lm_head, but the model has no output head")
@@ -49,9 +51,21 @@ class WeightSelection:
                 self.unscored[w.key] = "router (scored with --include router)"
                 continue
             out.append(w)
-        for key in self.anatomy.unscorable(i):
-            self.unscored[key] = "fused 3-D expert tensor on disk: its per-expert activations cannot be recorded"
+        self.unscored.update(self.anatomy.unscored(i))  # every other tensor of the layer, with its reason
         return out
+
+    def note_unreached(self, psi: dict, a: dict) -> None:
+        """List, in `unscored`, each expert of a stored 3-D stack that no probe token reached (its psi
+        and a are zero in every update): its slice of the mask is cut by |W| alone (score.py)."""
+        for w in self.weights:
+            if not is_stack(w) or w.key not in psi:
+                continue
+            n = self.anatomy.shapes[w.key][0]
+            seen_p = psi[w.key].reshape(psi[w.key].shape[0], n, -1).ne(0).any(-1).any(0)
+            seen_a = a[w.key].reshape(a[w.key].shape[0], n, -1).ne(0).any(-1).any(0)
+            for e in (~(seen_p | seen_a)).nonzero().flatten().tolist():
+                self.unscored[f"{w.key}[{e}]"] = (f"expert {e} of this stack: no probe token was routed to it; its "
+                                                  "slice of the mask is cut by |W| alone (magnitude)")
 
     def drop_uncalled(self, calls) -> None:
         """Decoder layers the model does not call for these probes (Mllama's cross-attention layers
@@ -78,5 +92,8 @@ class WeightSelection:
 
 
 def _out_in(w: Weight, shape) -> tuple[int, int]:
-    """(out features, in features) of a scored weight from its stored shape."""
+    """(out features, in features) of a scored weight from its stored shape; for a stored 3-D expert
+    stack, its experts' end to end (model/experts.py)."""
+    if is_stack(w):
+        return stacked_out_in(shape, w.transposed)
     return (shape[1], shape[0]) if w.transposed else (shape[0], shape[1])

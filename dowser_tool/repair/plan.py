@@ -19,7 +19,7 @@ import torch
 from ..errors import DowserError
 from ..io.checkpoint import Checkpoint, open_checkpoint, same_bits
 from ..io.layout import TORCH_TO_ST, itemsize
-from ..model.keys import KeyRules, NameMap
+from ..model.keys import KeyRules, NameMap, mask_aliases
 from ..model.quant import Quantization, detect_checkpoint, refuse
 from ..sidecar.file import INPUT_EMBEDDING, OUTPUT_HEAD, Sidecar, weight_fingerprint
 from .lora import is_adapter, open_adapter
@@ -207,7 +207,7 @@ def role_targets(src: Checkpoint, src_rules: KeyRules) -> tuple[object, bool, di
     equal. A config that unties a head it does not store cannot load: refused.
     """
     roles = src_rules.roles(src.tensor_names())
-    if roles.head is None and roles.embedding is not None:
+    if roles.head is None and roles.embedding is not None and src_rules.head is not None:  # a score head: no LM head
         raise DowserError(f"{src.where}/config.json: tie_word_embeddings is false, but the checkpoint stores no "
                           "output head; the config and the tensors disagree")
     head, embed = [roles.head] if roles.head else [], [roles.embedding] if roles.embedding else []
@@ -356,13 +356,14 @@ class MergePlan:
         base_roles = self.rules.roles(self.base.tensor_names())
         self.out_roles, self.shared_head, src_roles = role_targets(self.src, self.src_rules)
         self._pair_items(items)
+        self.composite = mask_aliases(self.sidecar, self.base_map, self.base.shape) if self.sidecar is not None else {}
         for mask_name in (self.sidecar.names if self.sidecar is not None else []):
             self._assign_mask(items, mask_name, base_roles, src_roles)
         return items
 
     def _assign_mask(self, items: dict[str, Item], mask_name: str, base_roles, src_roles) -> None:
         """The output tensor(s) one mask restores, from which BASE tensor; refused if they disagree."""
-        canon = self.rules.canonical(mask_name)
+        canon = self.composite.get(mask_name) or self.rules.canonical(mask_name)
         role = self.sidecar.roles.get(mask_name)
         if canon not in self.base_map:
             return self._refuse(mask_name, f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have")

@@ -391,7 +391,7 @@ def _targets(source: _MaskSource, params: dict, model):
     rules = KeyRules.of_model(model)
     roles = rules.roles(folded) if rules.known and source.roles else None  # unknown family: by name only
     by_role = {n: roles.of(r) for n, r in source.roles.items()} if roles else {}
-    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules)
+    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules, source.sidecar)
     matched.update({n: plain for n, plain in by_role.items() if plain is not None})
     fused: dict[str, list] = {}
     if missing:  # per-expert masks (Mixtral / Qwen-MoE checkpoints) of experts fused into 3-D parameters
@@ -503,12 +503,24 @@ def _check_shape(name: str, mask_shape, param: torch.Tensor) -> None:
 
 
 def _entrywise_mask(source: _MaskSource, name: str, param, update_ratio) -> torch.Tensor:
+    if _stored_transposed(source.shape(name), param):  # a 3-D expert stack the loading converter transposes
+        weight = _full(param.detach()).transpose(1, 2)
+        mask = source.mask(name) if update_ratio is None else source.sidecar.recut(name, weight, update_ratio)
+        return mask.transpose(1, 2).contiguous()
     if update_ratio is None:
         mask = source.mask(name)
         _check_shape(name, mask.shape, param)
         return mask
     _check_shape(name, source.sidecar.shapes[name], param)
     return source.sidecar.recut(name, _full(param.detach()), update_ratio)
+
+
+def _stored_transposed(shape, param) -> bool:
+    """Whether a mask of a 3-D expert stack is stored (experts, in, out) for a parameter the model holds
+    (experts, out, in): transformers' loading converter transposes it (Qwen3-VL-MoE, model/experts.py)."""
+    shape = tuple(shape)
+    return len(shape) == 3 and param.dim() == 3 and shape != tuple(param.shape) and \
+        (shape[0], shape[2], shape[1]) == tuple(param.shape)
 
 
 def _lora_modules(model) -> dict[str, tuple[str, torch.nn.Module]]:

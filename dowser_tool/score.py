@@ -48,11 +48,29 @@ def score_matrix(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.T
     stores it); the score has W's own shape either way. Made by `score_blocks`: one
     matrix-sized buffer, the very bits of the merge's fused kernel (merge_kernels.repair_recut).
     """
+    if W.dim() == 3:
+        return _score_stack(W, psi, a, w, transposed)
     left, right = score_factors(psi, a, w, transposed)
     score = torch.empty(left.shape[0], right.shape[1], device=left.device)
     for _ in score_blocks(W.detach().to(left.device), left, right, lambda r0, r1: score[r0:r1]):
         pass
     return score
+
+
+def _score_stack(W: torch.Tensor, psi: torch.Tensor, a: torch.Tensor, w: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """A 3-D expert stack (experts, ., .), each expert's slice scored as its own matrix from its own
+    statistics (psi (U, experts * out), a (U, experts * in): the experts' end to end, model/experts.py).
+    An expert no probe token reached (psi and a zero in every update) is scored by |W| alone."""
+    n = W.shape[0]
+    o, i = psi.shape[1] // n, a.shape[1] // n
+    out = []
+    for e in range(n):
+        p, x = psi[:, e * o:(e + 1) * o], a[:, e * i:(e + 1) * i]
+        if bool(p.any()) or bool(x.any()):
+            out.append(score_matrix(W[e], p, x, w, transposed))
+        else:
+            out.append(W[e].detach().abs().float().to(psi.device))
+    return torch.stack(out)
 
 
 PRODUCT_BLOCK = 1 << 18  # entries per row block of the score product: 1 MiB of float32, cache-resident
@@ -73,7 +91,11 @@ def cut_mask(score: torch.Tensor, rho: float) -> torch.Tensor:
 
     Exactly k entries are trainable; ties at the threshold go to the lowest flat
     indices, so the result depends only on the scores, not on sort internals.
+    A 3-D score (an expert stack, (experts, ., .)) is cut expert by expert: k = round(rho *
+    numel of one slice) trainable in each.
     """
+    if score.dim() == 3:
+        return torch.stack([cut_mask(s, rho) for s in score])
     flat = score.detach().float().reshape(-1)
     n = flat.numel()
     k = trainable_count(n, rho)

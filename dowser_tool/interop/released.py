@@ -37,6 +37,7 @@ import torch
 
 from .. import __version__
 from ..model.anatomy import Anatomy, Weight, _is_linear
+from ..model.experts import is_stack
 from ..model.keys import KeyRules, NameMap, natural_key
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..errors import DowserError, reason
@@ -180,7 +181,7 @@ class ReleasedNames:
         for i in range(len(anatomy.layers)):
             layer = f"{anatomy.layers_path}.{i}"
             for w in anatomy.decoder_weights(i):
-                if w.expert is None:
+                if w.expert is None and not is_stack(w):  # expert slices and 3-D stacks have no released name
                     self.by_param[w.param] = w
                     self.by_key[w.key] = f"llm.{i}.{w.module[len(layer) + 1:]}"
         self.head = anatomy.head_weight()

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from ..errors import DowserError
+from .carry import CarriedState
 
 
 class _Captured(Exception):
@@ -63,17 +64,39 @@ class LayerCall:
 
 @dataclass
 class Captured:
-    """Layer-0 input hidden states and, per decoder layer, its LayerCall (None: not called)."""
+    """Layer-0 input hidden states and, per decoder layer, its LayerCall (None: not called);
+    `carried`: what the layers hand each other besides the hidden states (carry.py), or None."""
 
     hidden: torch.Tensor | None
     calls: list[LayerCall | None] = field(default_factory=list)
+    carried: CarriedState | None = None
 
     def call(self, i: int, layer: nn.Module, hidden: torch.Tensor, tuple_out: bool, side: dict | None = None):
         """Layer i's output as the next layer sees it (the hidden states unchanged if not called);
-        `side` substitutes side inputs ({key: tensor})."""
-        c = self.calls[i]
-        if c is None:
+        `side` substitutes side inputs ({key: tensor}). The forward: layers run in order, and what
+        they hand later layers is followed (`CarriedState.before`/`after`)."""
+        if self.calls[i] is None:
             return hidden
+        if self.carried is not None:
+            self.carried.before(i)
+        out = self._run(i, layer, hidden, tuple_out, side)
+        if self.carried is not None:
+            self.carried.after(i)
+        return out
+
+    def recompute(self, i: int, layer: nn.Module, hidden: torch.Tensor, tuple_out: bool, side: dict | None = None):
+        """Layer i's output again, for the reverse pass, after the forward (`call`) ran every layer:
+        (output, leaves, written), where `leaves` are what earlier layers handed it, as leaves requiring
+        grad, and `written` what it handed later layers whose gradients are pending (carry.py; both
+        empty for a model whose layers share nothing)."""
+        if self.carried is None or i not in self.carried.seen:
+            return self._run(i, layer, hidden, tuple_out, side), [], []
+        leaves = self.carried.restore(i)
+        out = self._run(i, layer, hidden, tuple_out, side)
+        return out, leaves, self.carried.written(i)
+
+    def _run(self, i: int, layer: nn.Module, hidden: torch.Tensor, tuple_out: bool, side: dict | None):
+        c = self.calls[i]
         args, kwargs = c.with_inputs(side) if side else (c.args, c.kwargs)
         out = layer(hidden, *args, **kwargs)
         if tuple_out or isinstance(out, (tuple, list)):
@@ -169,7 +192,7 @@ class CallCapture:
             else:
                 s[1].delta = deltas.get(i)
                 calls.append(s[1])
-        return Captured(seen[called[0]][0], calls)
+        return Captured(seen[called[0]][0], calls, CarriedState.find(calls, f"{self.where}: {type(self.model).__name__}"))
 
     @staticmethod
     def _deltas(seen, called, grad: bool = False) -> dict[int, torch.Tensor | None]:

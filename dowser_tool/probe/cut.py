@@ -46,6 +46,8 @@ class MaskCutter:
         stored = self.ckpt.dtype(w.key)
         if p.device.type == "meta" or not _holds_exactly(p.dtype, stored):
             return None
+        if w.expert is None and w.param in self.runner.anatomy.keys.converter:
+            return None  # loaded through a converter (a transposed expert stack): not the stored layout
         t = p.detach()
         if w.expert is not None:
             t = t[w.expert, w.rows[0]:w.rows[1]]

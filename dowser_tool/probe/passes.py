@@ -218,15 +218,21 @@ class PassRunner:
         keys = self.side_inputs.get(i, [])
         side = {k: call.get(k).detach().requires_grad_(True) for k in keys}
         x = x.requires_grad_(True)
-        y = captured.call(i, layer, x, self.runner.tuple_out, side)
-        wrt = [x] + list(side.values())
+        # what earlier layers handed this one (leaves) and what it hands later ones (written): model/carry.py
+        y, leaves, written = captured.recompute(i, layer, x, self.runner.tuple_out, side)
+        wrt = [x] + list(side.values()) + [t for _, t in leaves]
         out = []
         for d in range(draws):
-            g = torch.autograd.grad(y, wrt, grads[d], retain_graph=d < draws - 1, allow_unused=True)
+            ys, gys = captured.carried.outputs(y, grads[d], written, d) if written else (y, grads[d])
+            g = torch.autograd.grad(ys, wrt, gys, retain_graph=d < draws - 1, allow_unused=True)
+            if leaves:
+                captured.carried.carry(leaves, g[1 + len(keys):], d, draws)
             self.check_finite(g[0], "gradients", i)
             out.append(g[0])
             for k, gk, t in zip(keys, g[1:], side.values()):
                 end_grads.setdefault(("side", i, k), [None] * draws)[d] = torch.zeros_like(t) if gk is None else gk
+        if written:
+            captured.carried.done(written)
         return out
 
     def _stem_stats(self, rec: StatsRecorder, batches, grads, end_grads) -> None:

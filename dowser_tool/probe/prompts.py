@@ -5,7 +5,8 @@ tokens replaced by BOS), then the model continues by sampling (temperature 0.9,
 top-p 0.9, repetition penalty 1.05) up to the probe length. All sequences are
 generated together, one token per step through the streamed layers with a
 per-layer KV cache; rows still inside their random prefix are fed the prefix
-token instead of a sample, so no padding is needed.
+token instead of a sample, so no padding is needed. Media placeholder tokens (image, video,
+audio, their markers) are never drawn nor sampled: the processor inserts them itself.
 
 Images (optional): Gaussian noise N(0.5, 0.25^2) per channel, normalised with
 the processor's mean/std, at the vision tower's resolution, with the model's
@@ -15,6 +16,7 @@ image placeholder tokens in front of the text.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,6 +88,54 @@ def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]
     return bos, special
 
 
+# Added tokens that stand for media the processor inserts itself (image/video/audio placeholders, tile and
+# frame markers): never part of a text probe.
+_PLACEHOLDER_TEXT = re.compile(r"image|video|audio|img|vision|visual|patch|frame|media|row_\d+_col_\d+", re.I)
+_ROLE_IDS = re.compile(r"(^|_)(bos|eos|pad|unk|sep|mask|cls|decoder_start)_token_")  # text roles, incl. forced_bos_...
+
+
+def _config_token_ids(cfg) -> set[int]:
+    """Every `..._token_id(s)` / `..._token_index` of a config dict and its sub-configs, except the text
+    roles (BOS, EOS, padding, ...): the model's media placeholders and markers."""
+    out: set[int] = set()
+    if not isinstance(cfg, dict):
+        return out
+    for key, value in cfg.items():
+        if isinstance(value, dict):
+            out |= _config_token_ids(value)
+        elif not _ROLE_IDS.search(key) and re.search(r"token_(id|ids|index)$", key):
+            out |= {v for v in (value if isinstance(value, list) else [value]) if isinstance(v, int)}
+    return out
+
+
+def placeholder_token_ids(ckpt, config: dict) -> set[int]:
+    """Ids of the tokens a text probe must never hold: the media placeholders and markers the config
+    names (image/video/audio token ids, Ovis2's visual indicators, Gemma 3's boi/eoi, ...), the tokenizer's
+    named media tokens (`extra_special_tokens` such as `image_token`), and added tokens whose text names
+    a medium (`<image>`, `<|vision_pad|>`, `<IMG_ATOM>`, `<row_1_col_1>`). The processor inserts those
+    itself; a sampled one makes the model's image-token count disagree with its features."""
+    out = _config_token_ids(config)
+    files = set(ckpt.files())
+    for folder in [""] + [f"{c}/" for c in ckpt.components()]:
+        for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+            if folder + fname not in files:
+                continue
+            try:
+                doc = json.loads(ckpt.read_text(folder + fname))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            entries = doc.get(field) or {}
+            items = entries.items() if isinstance(entries, dict) else [(e.get("id"), e) for e in entries]
+            texts = {tok["content"]: int(tid) for tid, tok in items
+                     if isinstance(tok, dict) and isinstance(tok.get("content"), str)}
+            out |= {tid for text, tid in texts.items() if _PLACEHOLDER_TEXT.search(text)}
+            named = doc.get("extra_special_tokens") if fname == "tokenizer_config.json" else None
+            for name, text in (named.items() if isinstance(named, dict) else ()):
+                if isinstance(text, str) and text in texts and _PLACEHOLDER_TEXT.search(name):
+                    out.add(texts[text])
+    return out
+
+
 def random_prefixes(count: int, vocab: int, bos: int, special: set[int], sampling: Sampling, gen: torch.Generator):
     """Per row: BOS + 1..5 uniform tokens (specials replaced by BOS)."""
     rows = []
@@ -96,11 +146,16 @@ def random_prefixes(count: int, vocab: int, bos: int, special: set[int], samplin
     return rows
 
 
-def sample_next(logits: torch.Tensor, history: torch.Tensor, sampling: Sampling, gen: torch.Generator) -> torch.Tensor:
-    """One sampled token per row with transformers' own logits processors (as `generate` does)."""
+def sample_next(logits: torch.Tensor, history: torch.Tensor, sampling: Sampling, gen: torch.Generator,
+                suppress: set[int] = frozenset()) -> torch.Tensor:
+    """One sampled token per row with transformers' own logits processors (as `generate` does); the
+    ids in `suppress` are never sampled (transformers' `SuppressTokensLogitsProcessor` does the same)."""
     from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper, TopPLogitsWarper
 
     scores = logits.detach().float().cpu()
+    ids = [t for t in suppress if 0 <= t < scores.shape[-1]]
+    if ids:
+        scores[:, ids] = -float("inf")
     for proc in (
         RepetitionPenaltyLogitsProcessor(sampling.repetition_penalty),
         TemperatureLogitsWarper(sampling.temperature),
@@ -117,7 +172,8 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     """(count, length) token ids: random prefixes continued by the model, streamed layer by layer.
 
     One token per step for every row (rows still inside their random prefix are fed their
-    next prefix token), with a KV cache (transformers' DynamicCache) kept across steps.
+    next prefix token), with a KV cache (transformers' DynamicCache) kept across steps. Media
+    placeholders (`placeholder_token_ids`) are neither drawn into prefixes nor sampled.
     """
     from transformers import DynamicCache
 
@@ -125,6 +181,8 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     text_cfg = runner.anatomy.text_config.to_dict()
     vocab = int(text_cfg["vocab_size"])
     bos, special = special_token_ids(runner.ckpt, text_cfg, config)
+    placeholders = placeholder_token_ids(runner.ckpt, config) - {bos}
+    special |= placeholders
     if not 0 <= bos < vocab:
         raise DowserError(f"{runner.ckpt.where}: the probes' first token (BOS, id {bos} from config.json or the "
                           f"tokenizer files) is outside the vocabulary (vocab_size {vocab}); fix bos_token_id or "
@@ -151,7 +209,7 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
             dtype = str(logits.dtype).replace("torch.", "")
             raise DowserError(f"{runner.ckpt.where}: non-finite logits while generating probes, computing in {dtype} "
                               "(the activations overflow it); probe with --dtype float32")
-        sampled = sample_next(logits, tokens[:, : t + 1], sampling, gen)
+        sampled = sample_next(logits, tokens[:, : t + 1], sampling, gen, placeholders)
         for r, p in enumerate(prefixes):
             if t + 1 >= len(p):  # past its prefix: the model's own continuation
                 tokens[r, t + 1] = sampled[r]
@@ -258,6 +316,28 @@ class ImageProbe:
         return out
 
 
+    def check(self, runner, inputs: dict) -> None:
+        """Run the model's stem (embeddings, vision tower, projector) on the first batch's `inputs`
+        (`inputs(...)` on the compute device) before any statistics: a processor that does not agree with
+        its model (image tokens vs image features, an input the forward does not take) is one line naming
+        the folder, the processor, the image tokens it made and what the model's forward says."""
+        try:
+            with torch.no_grad():
+                runner.capture(**inputs)
+        except DowserError:
+            raise
+        except Exception as e:
+            config = runner.ckpt.config or {}
+            token = next((config[k] for k in ("image_token_id", "image_token_index") if isinstance(config.get(k), int)),
+                         None)
+            ids = inputs.get("input_ids")
+            made = (f" ({int((ids[0] == token).sum())} image tokens for one {self.images[0].shape[0]}px image)"
+                    if token is not None and torch.is_tensor(ids) else "")
+            raise DowserError(f"{self.where}: the checkpoint's processor ({type(self.processor).__name__}) and "
+                              f"its model ({type(runner.model).__name__}) disagree on a noise image{made}: the "
+                              f"model's forward refuses what the processor made ({reason(e)})") from None
+
+
 def image_prompt(processor, config: dict) -> str | None:
     """The text that asks the processor for one image: its `image_token`, between the model's
     vision start/end tokens when its config names them (`vision_start_token_id`, Qwen-VL)."""
@@ -274,24 +354,49 @@ def image_prompt(processor, config: dict) -> str | None:
 def load_processor(folder: str, where: str):
     """`transformers.AutoProcessor` for a checkpoint folder.
 
-    A processor with a video part whose optional dependency is missing (transformers' video
-    processors need torchvision) is built for images only, from the checkpoint's own image
+    A processor with a video part that cannot load here (transformers' video processors need
+    torchvision; transformers says so with ImportError, ValueError or OSError depending on the
+    folder: `_video_part_failed`) is built for images only, from the checkpoint's own image
     processor and tokenizer configs (`AutoImageProcessor`, `AutoTokenizer`) and its processor
     class with the video slot left out. Raises DowserError (one line) for anything else.
     """
-    from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
+    from transformers import AutoProcessor
 
     try:
         return AutoProcessor.from_pretrained(folder, trust_remote_code=False)
-    except ImportError as e:
+    except Exception as e:
         missing = reason(e, sentence=True)
         cls = _processor_class(folder)
-        if cls is None or "video_processor" not in cls.get_attributes():
-            raise DowserError(f"{where}: --images needs the model's processor, which needs a package that is not "
-                              f"installed ({missing})") from None
+        if not _video_part_failed(e) or cls is None or "video_processor" not in cls.get_attributes():
+            why = "needs a package that is not installed" if isinstance(e, ImportError) else "AutoProcessor cannot load"
+            raise DowserError(f"{where}: --images needs the model's processor, which {why} ({missing})") from None
+    try:
+        return _images_only(cls, folder, where, missing)
+    except DowserError:
+        raise
     except Exception as e:
-        raise DowserError(f"{where}: --images needs the model's processor, which AutoProcessor cannot load "
-                          f"({reason(e, sentence=True)})") from None
+        raise DowserError(f"{where}: --images: {cls.__name__} cannot be built for images only either, its video "
+                          f"part being unavailable ({missing}): {reason(e, sentence=True)}") from None
+
+
+def _video_part_failed(e: BaseException) -> bool:
+    """Whether an error of `AutoProcessor.from_pretrained` comes from the processor's video part (its
+    video processor, or a package only it needs): raised inside transformers' video-processor code, or
+    naming torchvision or a video processor."""
+    tb = e.__traceback__
+    while tb is not None:
+        if "video_processing" in tb.tb_frame.f_code.co_filename:
+            return True
+        tb = tb.tb_next
+    text = str(e).lower()
+    return "torchvision" in text or "videoprocessor" in text or "video processor" in text
+
+
+def _images_only(cls, folder: str, where: str, missing: str):
+    """`cls` (a processor class with a video slot) built from the folder's image processor and tokenizer,
+    the video slot left out."""
+    from transformers import AutoImageProcessor, AutoTokenizer
+
     attributes = [a for a in cls.get_attributes() if a != "video_processor"]
     image_only = type(cls.__name__, (cls,), {"get_attributes": classmethod(lambda c: list(attributes))})
     parts = {"image_processor": AutoImageProcessor.from_pretrained(folder, trust_remote_code=False),

@@ -132,6 +132,9 @@ class ProbeRun:
             inputs = self.images.inputs(rows, ids)
         else:
             inputs = {"input_ids": ids}
+        return self._on_device(inputs)
+
+    def _on_device(self, inputs: dict) -> dict:
         inputs["use_cache"] = False
         return {k: (v.to(self.device, self.dtype) if torch.is_tensor(v) and v.is_floating_point()
                     else v.to(self.device) if torch.is_tensor(v) else v) for k, v in inputs.items()}
@@ -168,6 +171,10 @@ class ProbeRun:
         s = self.s
         done = 0
         images = image_processor(self.ckpt) if s.images else None  # before generating: fail fast
+        if images is not None:  # the first batch's images through processor and model, in one line if they disagree
+            rows = max(1, min(s.batch_size, s.probes))
+            trial = ImageProbe(*images[:2], rows, s.seed, images[2], self.ckpt.where)
+            trial.check(self.runner, self._on_device(trial.inputs(slice(0, rows), torch.zeros(rows, 0, dtype=torch.long))))
         if state is not None and state.exists():
             self.tokens, rec.psi, rec.a, done = state.load()
         else:

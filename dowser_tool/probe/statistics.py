@@ -10,10 +10,12 @@ For a linear weight W (out x in) with input h and output z = W h, one update u
 
 nn.Linear and transformers' Conv1D are recorded with forward hooks on the module.
 Mixture-of-experts layers that keep all experts in one 3-D parameter call
-`F.linear(x, param[e])` once per expert; a torch function mode active during that
-module's forward sees each call, and records the expert's own tokens: a over the
-tokens routed to expert e, psi over their output gradients. An expert that gets
-no token in an update records zeros, as an unused layer does.
+`F.linear(x, param[e])` (or `x @ param[e]` for experts stored (in, out), GPT-OSS) once per
+expert; a torch function mode active during that module's forward sees each call, and
+records the expert's own tokens: a over the tokens routed to expert e, psi over their output
+gradients. An expert that gets no token in an update records zeros, as an unused layer does.
+A per-expert checkpoint tensor (Mixtral, Qwen-MoE) has statistics of its own; a stored 3-D
+stack (model/experts.py) has its experts' statistics laid end to end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..model.anatomy import Weight
+from ..model.experts import is_stack
 
 
 def _reduce(t: torch.Tensor, rms: bool) -> torch.Tensor:
@@ -47,7 +50,10 @@ class StatsRecorder:
         self._draws: dict[str, list[torch.Tensor]] = {}
         self._act: dict[str, torch.Tensor] = {}
         self.unit_activation: set[str] = set()  # boundary rule: projector weights use a = 1
-        self.sizes: dict[str, tuple[int, int]] = {}  # key -> (out, in)
+        self.sizes: dict[str, tuple[int, int]] = {}  # key -> (out, in); a stack: (experts * out, experts * in)
+        self.experts: dict[str, int] = {}  # stack key -> number of experts
+        self._stack_act: dict[str, dict[int, torch.Tensor]] = {}  # stack key -> expert -> a
+        self._stack_draws: dict[str, dict[int, list[torch.Tensor]]] = {}  # stack key -> expert -> psi draws
 
     def attach(self, weights: list[Weight], model) -> list:
         handles = []
@@ -56,7 +62,7 @@ class StatsRecorder:
             by_module.setdefault(w.module, []).append(w)
         for path, group in by_module.items():
             module = model.get_submodule(path)
-            if group[0].expert is None:
+            if group[0].expert is None and not is_stack(group[0]):
                 handles.append(module.register_forward_hook(self._linear_hook(group)))
             else:
                 tracer = _ExpertTracer(self, group, model)
@@ -79,11 +85,22 @@ class StatsRecorder:
         if output.requires_grad and self.method != "wanda":
             output.register_hook(self._grad_hook(group, rows))
 
+    def record_expert(self, w: Weight, expert: int, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        """Record one expert of a stored 3-D stack `w`: a from the tokens routed to it (`inputs`), psi
+        later from the gradient of its `output`."""
+        self._stack_act.setdefault(w.key, {})[expert] = _reduce(inputs, self.method == "wanda")
+        if output.requires_grad and self.method != "wanda":
+            draws = self._stack_draws.setdefault(w.key, {}).setdefault(expert, [])
+            output.register_hook(lambda g: draws.append(self._per_output(g)))
+
+    def _per_output(self, g: torch.Tensor) -> torch.Tensor:
+        g = g.detach().float()
+        dims = tuple(range(g.dim() - 1))
+        return g.pow(2).mean(dims) if self.estimator == "hutchinson" else g.abs().mean(dims)
+
     def _grad_hook(self, group: list[Weight], rows):
         def hook(g):
-            g = g.detach().float()
-            dims = tuple(range(g.dim() - 1))
-            per = g.pow(2).mean(dims) if self.estimator == "hutchinson" else g.abs().mean(dims)
+            per = self._per_output(g)
             for w in group:
                 lo, hi = rows[w.key] if rows else (0, per.numel())
                 self._draws.setdefault(w.key, []).append(per[lo:hi])
@@ -94,6 +111,9 @@ class StatsRecorder:
         """Close one update (probe batch): average the draws, store psi_u and a_u."""
         for w in weights:
             out_f, in_f = self.sizes[w.key]
+            if is_stack(w):
+                self._finish_stack(w, out_f, in_f)
+                continue
             draws = self._draws.pop(w.key, None)
             if self.method == "wanda":
                 psi = torch.ones(out_f)
@@ -110,6 +130,24 @@ class StatsRecorder:
             self.psi.setdefault(w.key, []).append(psi.cpu())
             self.a.setdefault(w.key, []).append(a.cpu())
 
+    def _finish_stack(self, w: Weight, out_f: int, in_f: int) -> None:
+        """One update of a stack: each expert's psi (mean over its draws) and a, end to end; zeros for
+        an expert no token reached."""
+        n = self.experts.get(w.key, 1)
+        acts, draws = self._stack_act.pop(w.key, {}), self._stack_draws.pop(w.key, {})
+        psi, a = torch.zeros(out_f), torch.zeros(in_f)
+        o, i = out_f // n, in_f // n
+        for e in range(n):
+            if self.method == "wanda":
+                psi[e * o:(e + 1) * o] = 1.0
+            elif draws.get(e):
+                p = torch.stack(draws[e]).mean(0)
+                psi[e * o:(e + 1) * o] = p.sqrt() if self.estimator == "hutchinson" else p
+            if e in acts:
+                a[e * i:(e + 1) * i] = acts[e].cpu()
+        self.psi.setdefault(w.key, []).append(psi)
+        self.a.setdefault(w.key, []).append(a)
+
 
 class _ExpertTracer(TorchFunctionMode):
     """Active during one experts module's forward: each `F.linear(x, param[e])` on a scored
@@ -120,10 +158,15 @@ class _ExpertTracer(TorchFunctionMode):
         self.recorder = recorder
         self.params = {}
         self.by_slice: dict[tuple[int, int], list[Weight]] = {}
+        self.stacks: dict[int, Weight] = {}  # id(parameter) -> its stored 3-D stack
         for w in group:
             p = model.get_parameter(w.param)
             self.params[id(p)] = p
-            self.by_slice.setdefault((id(p), w.expert), []).append(w)
+            if is_stack(w):
+                self.stacks[id(p)] = w
+                recorder.experts[w.key] = p.shape[0]
+            else:
+                self.by_slice.setdefault((id(p), w.expert), []).append(w)
 
     def start(self, module, args) -> None:  # forward pre-hook: must return None (keeps the args)
         self.__enter__()
@@ -134,13 +177,18 @@ class _ExpertTracer(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if func is F.linear:
-            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+        if func is F.linear or func in _MATMULS:  # x W[e]^T (out, in) or x @ W[e] (in, out)
+            weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
             base = getattr(weight, "_base", None)
-            if base is not None and id(base) in self.params:
+            if base is not None and id(base) in self.params and weight.dim() == 2:
                 expert = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
+                if id(base) in self.stacks:
+                    self.recorder.record_expert(self.stacks[id(base)], expert, args[0], out)
                 group = self.by_slice.get((id(base), expert))
                 if group:
                     rows = {w.key: w.rows for w in group}
                     self.recorder.record(group, args[0], out, rows)
         return out
+
+
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)

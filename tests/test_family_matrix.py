@@ -207,7 +207,7 @@ def test_image_probes_through_the_models_processor(tmp_path, name):
 # streamed statistics equal the in-memory oracle.
 ORACLE = [("gemma3_text", False), ("qwen2", False), ("phi3", False), ("gpt2", False), ("mllama", True),
           ("qwen2_5_vl", True), ("qwen3_moe", False), ("mixtral", False), ("nvila_folder", False), ("nvila_hf", False),
-          ("jamba", False), ("lfm2", False), ("qwen3_next", False)]
+          ("jamba", False), ("lfm2", False), ("qwen3_next", False), ("florence2", False)]
 
 
 @pytest.mark.parametrize("name,images", ORACLE)

@@ -71,9 +71,26 @@ class PassRunner:
         with torch.no_grad():  # also settles the one-off check of inter-layer terms before hooks record
             calls = self.runner.capture(**inputs).calls
         self.sel.drop_uncalled(calls)
-        if not images:
-            return
-        self.sel.keep_reaching(self._reached_stem(inputs))
+        token_side = self._token_side_inputs(inputs)
+        if images:
+            self.sel.keep_reaching(self._reached_stem(inputs))
+        for i, keys in token_side.items():
+            self.side_inputs[i] = list(dict.fromkeys(self.side_inputs.get(i, []) + keys))
+
+    def _token_side_inputs(self, inputs: dict) -> dict[int, list]:
+        """Tensor arguments of the decoder layers, besides the hidden states, that the stem computes from
+        the tokens (an encoder's output read by cross-attention: Florence-2's BART decoder). The weights
+        that read them get output gradients only if the reverse pass differentiates through them, as
+        through side inputs; masks and positions do not depend on the tokens and are left out."""
+        emb = self.runner.model.get_input_embeddings()
+        hook = emb.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
+        try:
+            with torch.enable_grad():
+                cap = self.runner.capture(grad=True, **inputs)
+        finally:
+            hook.remove()
+        return {i: keys for i, c in enumerate(cap.calls) if c is not None
+                and (keys := [k for k in c.tensor_keys() if c.get(k).requires_grad])}
 
     def _reached_stem(self, inputs: dict) -> set[str]:
         """The stem modules whose outputs reach the decoder's inputs; records the side inputs."""

@@ -30,6 +30,35 @@ def progress_bar(progress: bool, total, desc):
     return tqdm(total=total, desc=desc, unit="step", disable=not progress, leave=False)
 
 
+def check_finite(runner, t: torch.Tensor, what: str, layer: int | None) -> None:
+    """Refuse, in one line, a pass whose activations or gradients are not finite (an overflow in a
+    half dtype: Gemma in float16, transformers#36822): no statistics are recorded from them."""
+    if t is None or bool(torch.isfinite(t).all()):
+        return
+    at = "the output head" if layer is None else f"decoder layer {layer} ({runner.anatomy.layers_path}.{layer})"
+    dtype = str(t.dtype).replace("torch.", "")
+    remedy = ("probe with --dtype float32, or bfloat16, which has float32's range" if dtype == "float16"
+              else "probe with --dtype float32")
+    raise DowserError(f"{runner.ckpt.where}: non-finite {what} at {at} computing in {dtype} "
+                      f"(the values overflow it); {remedy}")
+
+
+def token_side_inputs(runner, inputs: dict) -> dict[int, list]:
+    """Tensor arguments of the decoder layers, besides the hidden states, that the stem computes from
+    the tokens (an encoder's output read by cross-attention: Florence-2's BART decoder). The weights
+    that read them get output gradients only if the reverse pass differentiates through them, as
+    through side inputs; masks and positions do not depend on the tokens and are left out."""
+    emb = runner.model.get_input_embeddings()
+    hook = emb.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
+    try:
+        with torch.enable_grad():
+            cap = runner.capture(grad=True, **inputs)
+    finally:
+        hook.remove()
+    return {i: keys for i, c in enumerate(cap.calls) if c is not None
+            and (keys := [k for k in c.tensor_keys() if c.get(k).requires_grad])}
+
+
 class PassRunner:
     """Streamed passes over groups of probe batches, recording statistics into a StatsRecorder.
 
@@ -44,17 +73,7 @@ class PassRunner:
         self.side_inputs: dict[int, list] = {}
 
     def check_finite(self, t: torch.Tensor, what: str, layer: int | None) -> None:
-        """Refuse, in one line, a pass whose activations or gradients are not finite (an overflow in a
-        half dtype: Gemma in float16, transformers#36822): no statistics are recorded from them."""
-        if t is None or bool(torch.isfinite(t).all()):
-            return
-        runner = self.runner
-        at = "the output head" if layer is None else f"decoder layer {layer} ({runner.anatomy.layers_path}.{layer})"
-        dtype = str(t.dtype).replace("torch.", "")
-        remedy = ("probe with --dtype float32, or bfloat16, which has float32's range" if dtype == "float16"
-                  else "probe with --dtype float32")
-        raise DowserError(f"{runner.ckpt.where}: non-finite {what} at {at} computing in {dtype} "
-                          f"(the values overflow it); {remedy}")
+        check_finite(self.runner, t, what, layer)
 
     # ---- the call trace -------------------------------------------------
     def trace_calls(self, images: bool) -> None:
@@ -71,26 +90,11 @@ class PassRunner:
         with torch.no_grad():  # also settles the one-off check of inter-layer terms before hooks record
             calls = self.runner.capture(**inputs).calls
         self.sel.drop_uncalled(calls)
-        token_side = self._token_side_inputs(inputs)
+        token_side = token_side_inputs(self.runner, inputs)
         if images:
             self.sel.keep_reaching(self._reached_stem(inputs))
         for i, keys in token_side.items():
             self.side_inputs[i] = list(dict.fromkeys(self.side_inputs.get(i, []) + keys))
-
-    def _token_side_inputs(self, inputs: dict) -> dict[int, list]:
-        """Tensor arguments of the decoder layers, besides the hidden states, that the stem computes from
-        the tokens (an encoder's output read by cross-attention: Florence-2's BART decoder). The weights
-        that read them get output gradients only if the reverse pass differentiates through them, as
-        through side inputs; masks and positions do not depend on the tokens and are left out."""
-        emb = self.runner.model.get_input_embeddings()
-        hook = emb.register_forward_hook(lambda mod, inp, out: out.detach().requires_grad_(True))
-        try:
-            with torch.enable_grad():
-                cap = self.runner.capture(grad=True, **inputs)
-        finally:
-            hook.remove()
-        return {i: keys for i, c in enumerate(cap.calls) if c is not None
-                and (keys := [k for k in c.tensor_keys() if c.get(k).requires_grad])}
 
     def _reached_stem(self, inputs: dict) -> set[str]:
         """The stem modules whose outputs reach the decoder's inputs; records the side inputs."""

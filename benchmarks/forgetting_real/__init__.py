@@ -1,0 +1,1 @@
+"""Forgetting on a real pretrained model (SmolLM2-135M-Instruct): see RESULTS.md."""

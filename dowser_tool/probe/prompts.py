@@ -34,6 +34,23 @@ class Sampling:
     prefix_max: int = 5
 
 
+def _tokenizer_files(ckpt):
+    """(file name, parsed JSON, [(id, added-token entry)]) for each tokenizer file of the checkpoint
+    (tokenizer_config.json's `added_tokens_decoder`, tokenizer.json's `added_tokens`), in every
+    component folder; unreadable files are skipped."""
+    files = set(ckpt.files())
+    for folder in [""] + [f"{c}/" for c in ckpt.components()]:
+        for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
+            if folder + fname not in files:
+                continue
+            try:
+                doc = json.loads(ckpt.read_text(folder + fname))
+            except (json.JSONDecodeError, TypeError):
+                continue
+            entries = doc.get(field) or {}
+            yield fname, doc, (entries.items() if isinstance(entries, dict) else [(e.get("id"), e) for e in entries])
+
+
 def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]]:
     """(BOS id, special ids) from the config and tokenizer files, without building a tokenizer.
 
@@ -53,29 +70,19 @@ def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]
             special.add(config[key])
     ids: dict[str, int] = {}  # token text -> id, from the tokenizer files
     tok_bos = None
-    files = set(ckpt.files())
-    for folder in [""] + [f"{c}/" for c in ckpt.components()]:
-        for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
-            if folder + fname not in files:
-                continue
-            try:
-                doc = json.loads(ckpt.read_text(folder + fname))
-            except (json.JSONDecodeError, TypeError):
-                continue
-            entries = doc.get(field) or {}
-            items = entries.items() if isinstance(entries, dict) else [(e.get("id"), e) for e in entries]
-            for tid, tok in items:
-                if isinstance(tok, dict) and isinstance(tok.get("content"), str):
-                    ids.setdefault(tok["content"], int(tid))
-                if isinstance(tok, dict) and tok.get("special"):
-                    special.add(int(tid))
-            vocab = (doc.get("model") or {}).get("vocab") if fname == "tokenizer.json" else None
-            if isinstance(vocab, dict):
-                for text, tid in vocab.items():
-                    ids.setdefault(text, tid)
-            if fname == "tokenizer_config.json" and tok_bos is None:
-                b = doc.get("bos_token")
-                tok_bos = b.get("content") if isinstance(b, dict) else b
+    for fname, doc, items in _tokenizer_files(ckpt):
+        for tid, tok in items:
+            if isinstance(tok, dict) and isinstance(tok.get("content"), str):
+                ids.setdefault(tok["content"], int(tid))
+            if isinstance(tok, dict) and tok.get("special"):
+                special.add(int(tid))
+        vocab = (doc.get("model") or {}).get("vocab") if fname == "tokenizer.json" else None
+        if isinstance(vocab, dict):
+            for text, tid in vocab.items():
+                ids.setdefault(text, tid)
+        if fname == "tokenizer_config.json" and tok_bos is None:
+            b = doc.get("bos_token")
+            tok_bos = b.get("content") if isinstance(b, dict) else b
     bos = ids.get(tok_bos) if isinstance(tok_bos, str) else None
     if not isinstance(bos, int):
         bos = text_cfg.get("bos_token_id", config.get("bos_token_id"))
@@ -115,24 +122,14 @@ def placeholder_token_ids(ckpt, config: dict) -> set[int]:
     a medium (`<image>`, `<|vision_pad|>`, `<IMG_ATOM>`, `<row_1_col_1>`). The processor inserts those
     itself; a sampled one makes the model's image-token count disagree with its features."""
     out = _config_token_ids(config)
-    files = set(ckpt.files())
-    for folder in [""] + [f"{c}/" for c in ckpt.components()]:
-        for fname, field in (("tokenizer_config.json", "added_tokens_decoder"), ("tokenizer.json", "added_tokens")):
-            if folder + fname not in files:
-                continue
-            try:
-                doc = json.loads(ckpt.read_text(folder + fname))
-            except (json.JSONDecodeError, TypeError):
-                continue
-            entries = doc.get(field) or {}
-            items = entries.items() if isinstance(entries, dict) else [(e.get("id"), e) for e in entries]
-            texts = {tok["content"]: int(tid) for tid, tok in items
-                     if isinstance(tok, dict) and isinstance(tok.get("content"), str)}
-            out |= {tid for text, tid in texts.items() if _PLACEHOLDER_TEXT.search(text)}
-            named = doc.get("extra_special_tokens") if fname == "tokenizer_config.json" else None
-            for name, text in (named.items() if isinstance(named, dict) else ()):
-                if isinstance(text, str) and text in texts and _PLACEHOLDER_TEXT.search(name):
-                    out.add(texts[text])
+    for fname, doc, items in _tokenizer_files(ckpt):
+        texts = {tok["content"]: int(tid) for tid, tok in items
+                 if isinstance(tok, dict) and isinstance(tok.get("content"), str)}
+        out |= {tid for text, tid in texts.items() if _PLACEHOLDER_TEXT.search(text)}
+        named = doc.get("extra_special_tokens") if fname == "tokenizer_config.json" else None
+        for name, text in (named.items() if isinstance(named, dict) else ()):
+            if isinstance(text, str) and text in texts and _PLACEHOLDER_TEXT.search(name):
+                out.add(texts[text])
     return out
 
 

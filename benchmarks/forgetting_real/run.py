@@ -317,16 +317,5 @@ def run_all(base: Path, work: Path, seeds: list[int], quick: bool, jobs: int, re
     return rows
 
 
-def read_results(path: Path) -> tuple[list[dict], dict]:
-    rows, meta = [], {}
-    for line in Path(path).read_text().splitlines():
-        r = json.loads(line)
-        if r["group"] == "meta":
-            meta = r
-        else:
-            rows.append(r)
-    return rows, meta
-
-
 def base_folder(log=print) -> Path:
     return asset.build(log=log)

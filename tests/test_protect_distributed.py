@@ -5,6 +5,7 @@ The test launches this file with torchrun; each rank runs `worker()` for both mo
 JSON file per mode into $DOWSER_RESULTS, which the test reads.
 """
 
+import gc
 import json
 import os
 import signal
@@ -88,7 +89,14 @@ def worker():
         result = run(mode, rank, world)
         with open(os.path.join(os.environ["DOWSER_RESULTS"], f"{mode}-{rank}.json"), "w") as f:
             json.dump(result, f)
+        print(f"rank {rank}: {mode} done", file=sys.stderr, flush=True)  # where a crash happened, if one does
+        gc.collect()  # the wrapped model, its optimizer and their pending gloo work go before the group does
+    dist.barrier()
     dist.destroy_process_group()
+    print(f"rank {rank}: process group destroyed", file=sys.stderr, flush=True)
+    # Skip interpreter finalization: gloo's worker threads can abort the process there (SIGABRT,
+    # "terminate called without an active exception", pytorch/pytorch#190489) after all work is done.
+    os._exit(0)
 
 
 def test_ddp_and_fsdp2_keep_protected_entries_bit_identical(tmp_path):

@@ -328,6 +328,33 @@ def _build_florence2(out: Path, seed: int = 0) -> Path:
     return _save(Florence2ForConditionalGeneration, cfg, out, seed, tok)
 
 
+def _build_gpt_oss(out: Path, seed: int = 0) -> Path:
+    # openai/gpt-oss-20b: experts stored fused on disk, (experts, in, out) per expert (gate_up_proj with gate/up
+    # interleaved, down_proj, with biases); router module; attention sinks; sliding and full layers
+    return _causal_lm("gpt_oss", _qwen_tok(chat_template=None), out, seed, hidden_size=64, intermediate_size=128,
+                      head_dim=16, num_local_experts=4, num_experts_per_tok=2, sliding_window=SLIDING,
+                      layer_types=["sliding_attention", "full_attention"])
+
+
+def _build_llama4_text(out: Path, seed: int = 0) -> Path:
+    # meta-llama/Llama-4-Maverick text stack: layer 0 dense MLP, layer 1 MoE (experts in two 3-D tensors multiplied
+    # by one torch.bmm over all experts, no declared layout; router; shared expert); layer 1 without RoPE (NoPE)
+    return _causal_lm("llama4_text", _llama2_tok(chat_template=None), out, seed, num_local_experts=4,
+                      num_experts_per_tok=1, intermediate_size=32, intermediate_size_mlp=64,
+                      interleave_moe_layer_step=2, no_rope_layers=[1, 0])
+
+
+def _build_gemma3n_text(out: Path, seed: int = 0) -> Path:
+    # google/gemma-3n-E2B text stack: 4 layers, the last 2 reuse the K/V of layers 0 (sliding) and 1 (full)
+    # (kv sharing through one KVSharingDict), per-layer inputs, AltUp (2 streams), LAuReL
+    tok = _llama2_tok(chat_template=None)
+    return _causal_lm("gemma3n_text", tok, out, seed, layers=4, hidden_size=64, num_kv_shared_layers=2,
+                      hidden_size_per_layer_input=16, vocab_size_per_layer_input=_vocab_size(tok),
+                      sliding_window=SLIDING, head_dim=16, laurel_rank=8, altup_num_inputs=2,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                      intermediate_size=[128] * 4, activation_sparsity_pattern=[0.0] * 4)
+
+
 def build_qwen2_reward(base: Path, out: Path, seed: int = 1) -> Path:
     """A reward model fine-tuned from the Qwen2 checkpoint ``base`` (``_build_qwen2``), as OpenRLHF and TRL save
     one: ``Qwen2ForSequenceClassification`` (num_labels 1, a ``score`` head instead of ``lm_head``), every decoder
@@ -994,6 +1021,74 @@ def _build_nvila_hf(out: Path, seed: int = 0) -> Path:
     return out
 
 
+# --------------------------------------------------------------------------------------------------- Ovis2, Qwen3-VL-MoE
+
+OVIS2_CHAT = (  # [R] AIDC-AI/Ovis2-1B-hf (ChatML; an image is "<image>\n" before the text)
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['content'] is string %}"
+    "{{ message['content'] }}{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' %}"
+    "{{ '<image>\n' }}{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "{{ '<|im_end|>\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+OVIS_SPECIALS = ["<image>", "<IMG_START>", "<IMG_ATOM>", "<IMG_GRID>", "<IMG_COL>", "<IMG_ROW>", "<IMG_END>"]
+
+
+def _build_ovis2(out: Path, seed: int = 0) -> Path:
+    """AIDC-AI/Ovis2-1B-hf: AIMv2-like ViT, hidden_stride 2 (4 tokens per 16 px image), a visual-vocabulary
+    embedding table (image features are soft tokens over it), visual indicator tokens
+    <IMG_START>/<IMG_GRID>/<IMG_COL>/<IMG_ROW>/<IMG_END> with their own embeddings, Qwen2."""
+    from transformers import Ovis2ImageProcessorPil
+
+    tok = _qwen_tok(OVIS_SPECIALS, chat_template=OVIS2_CHAT)
+    ip = Ovis2ImageProcessorPil(size={"height": 16, "width": 16}, crop_to_patches=False)
+    proc = _processor("Ovis2Processor", image_processor=ip, tokenizer=tok, image_seq_length=4)
+    ids = _ids(tok, atom="<IMG_ATOM>", start="<IMG_START>", grid="<IMG_GRID>", col="<IMG_COL>",
+               row="<IMG_ROW>", end="<IMG_END>")
+    text = _text_sub("qwen2", tok)
+    vision = dict(model_type="ovis2_vision", hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                  num_attention_heads=2, image_size=16, patch_size=4, hidden_stride=2, vocab_size=64,
+                  num_visual_indicator_tokens=5)
+    return _vlm("ovis2", tok, proc, out, seed, text_config=text, vision_config=vision,
+                image_token_id=ids["atom"], hidden_size=text["hidden_size"], vocab_size=text["vocab_size"],
+                visual_indicator_token_ids=[ids[k] for k in ("start", "grid", "col", "row", "end")])
+
+
+def _build_qwen3_vl_moe(out: Path, seed: int = 0) -> Path:
+    """Qwen/Qwen3-VL-30B-A3B-Instruct: Qwen3-VL (DeepStack) with MoE text layers whose experts are stored as
+    3-D tensors (experts, in, out); transformers loads them through a converter that transposes them."""
+    from transformers import Qwen2VLImageProcessor
+
+    tok = _qwen_tok(QWEN_VISION_SPECIALS, chat_template=None)
+    ip = Qwen2VLImageProcessor(patch_size=4, merge_size=2, temporal_patch_size=2,
+                               size={"shortest_edge": 8 * 8, "longest_edge": 32 * 32})
+    proc = _processor("Qwen3VLProcessor", "Qwen3VLVideoProcessor", image_processor=ip, tokenizer=tok,
+                      chat_template=QWEN3_VL_CHAT)
+    text = _text_sub("qwen3_vl_moe_text", tok, layers=2, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=24, decoder_sparse_step=1,
+                     rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2], "rope_theta": 5e6,
+                                      "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=4, patch_size=4, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=32, num_position_embeddings=16,
+                  deepstack_visual_indexes=[0, 1])
+    ids = _ids(tok, image_token_id="<|image_pad|>", video_token_id="<|video_pad|>",
+               vision_start_token_id="<|vision_start|>", vision_end_token_id="<|vision_end|>")
+    return _vlm("qwen3_vl_moe", tok, proc, out, seed, text_config=text, vision_config=vision, **ids)
+
+
+def _build_qwen3_vl_moe_hub(out: Path, seed: int = 0) -> Path:
+    """Qwen3-VL-MoE as the Hub checkpoints store it: every expert stack (experts, in, out), the transpose of
+    the model's (experts, out, in); transformers' loading converter transposes it back."""
+    from safetensors.torch import load_file, save_file
+
+    _build_qwen3_vl_moe(out, seed)
+    path = Path(out) / "model.safetensors"
+    tensors = load_file(str(path))
+    for k in [k for k in tensors if ".mlp.experts." in k and tensors[k].dim() == 3]:
+        tensors[k] = tensors[k].transpose(1, 2).contiguous()
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
+
+
+
 # --------------------------------------------------------------------------------------------------- registry
 
 
@@ -1002,18 +1097,23 @@ class Family:
     """One model family of the test matrix.
 
     ``name``: the key in FAMILIES (transformers model_type, or nvila_folder / nvila_hf); ``kind``: "text",
-    "vlm" or "seq2seq" (an encoder-decoder, loaded with AutoModelForImageTextToText); ``build(out, seed=0) -> out``: writes the checkpoint folder ``out`` (must not exist, or be empty);
-    ``notes``: what the family exercises; ``image_size``: side (px) of the noise images it is sized for (VLMs)."""
+    "vlm", "seq2seq" (an encoder-decoder, loaded with AutoModelForImageTextToText) or "reward" (BASE a causal LM,
+    the fine-tune a sequence classifier); ``build(out, seed=0) -> out``: writes the checkpoint folder ``out`` (must not exist, or be empty);
+    ``notes``: what the family exercises; ``image_size``: side (px) of the noise images it is sized for (VLMs);
+    ``fine_tune(base, out) -> out``: writes the fine-tune the matrix repairs, from the BASE folder ``base`` (None: the
+    family built with seed 1)."""
 
     name: str
     kind: str
     build: Callable[..., Path]
     notes: str
     image_size: int = NOISE_SIZE
+    fine_tune: Callable[..., Path] | None = None
 
 
-def _family(name: str, kind: str, notes: str, image_size: int = NOISE_SIZE) -> Family:
-    return Family(name, kind, globals()[f"_build_{name}"], notes, image_size)
+def _family(name: str, kind: str, notes: str, image_size: int = NOISE_SIZE, build_as: str = "",
+            fine_tune: Callable[..., Path] | None = None) -> Family:
+    return Family(name, kind, globals()[f"_build_{build_as or name}"], notes, image_size, fine_tune)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -1043,9 +1143,17 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
                                   "conv1d kernel, A_log, dt_bias), layer 1 gated attention; MoE with shared expert "
                                   "and shared_expert_gate in every layer"),
     _family("granitemoehybrid", "text", "layer 0 Mamba2 mixer, layer 1 attention; MoE experts stored fused on disk "
-                                        "(not scored, listed), router module, shared MLP; config.json as "
+                                        "(scored per expert), router module, shared MLP; config.json as "
                                         "save_pretrained writes it: time_step_limit [0.0, {\"__float__\": "
                                         "\"Infinity\"}]"),
+    _family("gpt_oss", "text", "experts stored fused on disk, (experts, in, out) per expert, gate/up interleaved, "
+                               "with biases; scored per expert; router module; attention sinks"),
+    _family("llama4_text", "text", "layer 0 dense, layer 1 MoE: experts in 3-D tensors multiplied by one torch.bmm "
+                                   "over all experts (layout traced), scored per expert; router; shared expert; NoPE"),
+    _family("gemma3n_text", "text", "4 layers, the last 2 reuse the K/V of layers 0 and 1 (shared across layers); "
+                                    "per-layer inputs, AltUp, LAuReL"),
+    _family("qwen2_reward", "reward", "a Qwen2ForSequenceClassification reward model (a score head, no lm_head) "
+                                      "fine-tuned from the qwen2 BASE", build_as="qwen2", fine_tune=build_qwen2_reward),
     _family("florence2", "seq2seq", "encoder-decoder: DaViT vision tower + BART (1 encoder layer, 2 decoder layers "
                                     "with cross-attention); the decoder stack is scored, the encoder listed; tied"),
     _family("llava", "vlm", "CLIP tower, feature layer -2 (last CLIP layer unused), CLS dropped, 2-layer MLP "
@@ -1077,6 +1185,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     _family("mistral3", "vlm", "Pixtral tower (2-D RoPE, image_sizes), 2x2 patch merger; [IMG] x cols + "
                                "[IMG_BREAK] per row, last [IMG_END]; PixtralProcessor needs torchvision, so the "
                                "processor is written as Hub files only", image_size=32),
+    _family("ovis2", "vlm", "AIMv2-like ViT, visual-vocabulary embedding (image features are soft tokens over it), "
+                            "visual indicator tokens with their own embeddings; Qwen2"),
     _family("nvila_folder", "vlm", "VILA layout: root config + llm/ (Qwen2) + vision_tower/ (SigLIP) + "
                                    "mm_projector/ (mlp_downsample_3x3_fix); no transformers class",
             image_size=NVILA_IMAGE),
@@ -1085,8 +1195,21 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
 ]}
 
 
+# checkpoints of families tested in their own files, not in the matrix (tests/test_expert_stacks.py)
+OWN_TESTS: dict[str, Callable[..., Path]] = {"qwen3_vl_moe": _build_qwen3_vl_moe,
+                                             "qwen3_vl_moe_hub": _build_qwen3_vl_moe_hub}
+
+
 def build(name: str, out: Path, seed: int = 0) -> Path:
-    """Build family ``name`` into the folder ``out`` with weights from ``torch.manual_seed(seed)``; returns ``out``.
+    """Build family ``name`` (of FAMILIES or OWN_TESTS) into the folder ``out`` with weights from
+    ``torch.manual_seed(seed)``; returns ``out``.
 
     Raises KeyError for an unknown name."""
-    return FAMILIES[name].build(Path(out), seed)
+    return (FAMILIES[name].build if name in FAMILIES else OWN_TESTS[name])(Path(out), seed)
+
+
+def build_fine_tune(name: str, base: Path, out: Path) -> Path:
+    """The fine-tune of family ``name`` the matrix repairs: ``Family.fine_tune(base, out)``, or the family built
+    with seed 1 into ``out``."""
+    f = FAMILIES[name]
+    return f.fine_tune(Path(base), Path(out)) if f.fine_tune else f.build(Path(out), 1)

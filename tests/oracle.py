@@ -88,23 +88,22 @@ def reference_statistics(model, modules: dict[str, str], batches: list[dict], dr
     for b, inputs in enumerate(batches):
         seen_a, per_draw = {}, {k: [] for k in modules}
 
-        def fwd(key):
-            def hook(m, inp, out):
-                h = inp[0].detach().float()
-                seen_a[key] = h.abs().mean(tuple(range(h.dim() - 1)))
-            return hook
-
         def bwd(key):
-            def hook(m, grad_in, grad_out):
-                g = grad_out[0].detach().float()
+            def hook(g):
+                g = g.detach().float()
                 dims = tuple(range(g.dim() - 1))
                 per_draw[key].append(g.pow(2).mean(dims) if estimator == "hutchinson" else g.abs().mean(dims))
             return hook
 
-        handles = []
-        for key, path in modules.items():
-            m = model.get_submodule(path)
-            handles += [m.register_forward_hook(fwd(key)), m.register_full_backward_hook(bwd(key))]
+        def fwd(key):  # a from the input; psi from the output's gradient (a tensor hook: the model may
+            def hook(m, inp, out):  # modify the output in place, which a full backward hook forbids)
+                h = inp[0].detach().float()
+                seen_a[key] = h.abs().mean(tuple(range(h.dim() - 1)))
+                if out.requires_grad:
+                    out.register_hook(bwd(key))
+            return hook
+
+        handles = [model.get_submodule(path).register_forward_hook(fwd(key)) for key, path in modules.items()]
         xi = None
         for d in range(draws):
             logits = model(**inputs).logits[:, -1, :]

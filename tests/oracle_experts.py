@@ -1,8 +1,9 @@
 """The in-memory oracle for stored 3-D expert stacks (tests/oracle.py's, per expert).
 
 GPT-OSS keeps its experts in `gate_up_proj` (experts, in, out; gate and up interleaved) and
-`down_proj` (experts, in, out), with biases. `GptOssExpertLinears` re-implements that forward
-with one nn.Linear per expert and projection, so that plain module hooks see each expert's own
+`down_proj` (experts, in, out), with biases; Llama 4 the same without biases, gate then up,
+multiplied by one bmm over all experts. `GptOssExpertLinears` and `Llama4ExpertLinears`
+re-implement those forwards with one nn.Linear per expert and projection, so that plain module hooks see each expert's own
 tokens; `stack_oracle` compares the probe's statistics of each stack (its experts end to end)
 with those hooks' statistics, expert by expert.
 """
@@ -29,9 +30,10 @@ class GptOssExpertLinears(nn.Module):
 
     @staticmethod
     def _linear(w_in_out, bias):
-        lin = nn.Linear(w_in_out.shape[0], w_in_out.shape[1])
+        lin = nn.Linear(w_in_out.shape[0], w_in_out.shape[1], bias=bias is not None)
         lin.weight = nn.Parameter(w_in_out.detach().T.clone())
-        lin.bias = nn.Parameter(bias.detach().clone())
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.detach().clone())
         return lin
 
     def forward(self, hidden_states, router_indices=None, routing_weights=None):
@@ -49,13 +51,36 @@ class GptOssExpertLinears(nn.Module):
         return out
 
 
-def split_gpt_oss(model) -> dict[str, list[str]]:
-    """Replace every GptOssExperts in place; {experts module path + '.gate_up_proj'|'.down_proj': [linear paths]}."""
+class Llama4ExpertLinears(nn.Module):
+    """Llama4TextExperts.forward with per-expert Linears: every expert gets every token, scaled by its routing
+    weight (zero for a token not routed to it); each expert's Linears run on its nonzero rows only."""
+
+    def __init__(self, experts):
+        super().__init__()
+        n, self.hidden, self.act = experts.num_experts, experts.hidden_size, experts.act_fn
+        self.gate_up = nn.ModuleList(GptOssExpertLinears._linear(experts.gate_up_proj[e], None) for e in range(n))
+        self.down = nn.ModuleList(GptOssExpertLinears._linear(experts.down_proj[e], None) for e in range(n))
+        self.num_experts = n
+
+    def forward(self, hidden_states):
+        x = hidden_states.view(self.num_experts, -1, self.hidden)
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = torch.where(x[e].ne(0).any(-1))[0]
+            if rows.numel():
+                gate, up = self.gate_up[e](x[e, rows]).chunk(2, dim=-1)
+                out = out.index_put((torch.full_like(rows, e), rows), self.down[e](up * self.act(gate)))
+        return out.view(-1, self.hidden)
+
+
+def _split(model, cls_name: str, make) -> dict[str, list[str]]:
+    """Replace every module of class `cls_name` by `make(module)` in place; {experts module path +
+    '.gate_up_proj'|'.down_proj': [linear paths]}."""
     paths = {}
     for name, mod in list(model.named_modules()):
-        if type(mod).__name__ == "GptOssExperts":
+        if type(mod).__name__ == cls_name:
             parent, _, attr = name.rpartition(".")
-            new = GptOssExpertLinears(mod)
+            new = make(mod)
             setattr(model.get_submodule(parent), attr, new)
             paths[f"{name}.gate_up_proj"] = [f"{name}.gate_up.{e}" for e in range(new.num_experts)]
             paths[f"{name}.down_proj"] = [f"{name}.down.{e}" for e in range(new.num_experts)]
@@ -65,7 +90,8 @@ def split_gpt_oss(model) -> dict[str, list[str]]:
 def _stack_parts(model) -> dict[str, list[list[str]]]:
     """Replace the fused experts modules of `model` by per-expert Linears; {stack parameter: per expert, the
     Linear paths whose outputs are that expert's output rows, in order}."""
-    parts = {param: [[p] for p in paths] for param, paths in split_gpt_oss(model).items()}
+    split = {**_split(model, "GptOssExperts", GptOssExpertLinears), **_split(model, "Llama4TextExperts", Llama4ExpertLinears)}
+    parts = {param: [[p] for p in paths] for param, paths in split.items()}
     paths = per_expert_linears(model)  # Mixtral / Qwen-MoE layout: gate rows, then up rows
     for (module, e, part), path in sorted(paths.items()):
         param = f"{module}.down_proj" if part == "down" else f"{module}.gate_up_proj"

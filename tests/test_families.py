@@ -24,10 +24,11 @@ NUM2WORDS = importlib.util.find_spec("num2words") is not None
 MATRIX = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "gpt2", "qwen3_moe", "mixtral",
           "llava", "llava_next", "llava_onevision", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm",
           "paligemma", "gemma3", "internvl", "mllama", "mistral3", "nvila_folder", "nvila_hf",
-          "lfm2", "jamba", "qwen3_next", "granitemoehybrid", "florence2"]
+          "lfm2", "jamba", "qwen3_next", "granitemoehybrid", "gpt_oss", "llama4_text", "gemma3n_text", "qwen2_reward",
+          "florence2", "ovis2"]
 TEXT = [n for n in MATRIX if FAMILIES[n].kind == "text"]
 VLM = [n for n in MATRIX if FAMILIES[n].kind == "vlm" and not n.startswith("nvila")]
-TIED = {"gemma2", "gemma3_text", "gpt2", "paligemma", "gemma3", "internvl", "lfm2", "florence2"}
+TIED = {"gemma2", "gemma3_text", "gpt2", "paligemma", "gemma3", "internvl", "lfm2", "florence2", "gemma3n_text", "ovis2"}
 # text-config facts each fixture is built to have (layers that differ from layer 0)
 LAYOUT = {
     "mistral": {"sliding_window": 8},
@@ -61,6 +62,7 @@ EXPECT = {
     "internvl": (4, BASE),
     "mllama": (1, BASE | {"cross_attention_mask", "aspect_ratio_ids", "aspect_ratio_mask"}),
     "mistral3": (4, BASE | {"image_sizes"}),
+    "ovis2": (4, BASE),
 }
 USER_IMAGE = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
 
@@ -115,7 +117,7 @@ def _text_forward(model, tok, vocab):
 
 def test_matrix_is_registered():
     assert sorted(FAMILIES) == sorted(MATRIX)
-    assert all(f.notes and f.kind in {"text", "vlm", "seq2seq"} for f in FAMILIES.values())
+    assert all(f.notes and f.kind in {"text", "vlm", "seq2seq", "reward"} for f in FAMILIES.values())
 
 
 @pytest.mark.parametrize("name", [n for n in MATRIX if FAMILIES[n].kind == "seq2seq"])

@@ -22,7 +22,7 @@ from dowser_tool.repair.merge import merge_checkpoint
 from dowser_tool.probe.run import ProbeRun, ProbeSettings, probe
 from dowser_tool.score import trainable_count
 
-from .families import FAMILIES, build
+from .families import FAMILIES, build, build_fine_tune
 from .oracle import assert_run_matches_oracle
 
 RHO = 0.25
@@ -36,10 +36,11 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
         a.contiguous().view(ints[a.element_size()]), b.contiguous().view(ints[b.element_size()]))
 
 
-def in_memory(name, folder):
+def in_memory(name, folder, base=False):
     """The model as users load it: its transformers class (NVILA: the Qwen2 LLM, as VILA holds it
     under `llm`), float32."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, Qwen2ForCausalLM
+    from transformers import (AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
+                              Qwen2ForCausalLM)
 
     if name == "nvila_folder":
         return torch.nn.ModuleDict({"llm": Qwen2ForCausalLM.from_pretrained(folder / "llm", dtype=torch.float32)})
@@ -51,7 +52,14 @@ def in_memory(name, folder):
         sd = {k[len("llm."):]: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("llm.")}
         llm.load_state_dict(sd, strict=True)
         return torch.nn.ModuleDict({"llm": llm.float()})
-    auto = AutoModelForCausalLM if FAMILIES[name].kind == "text" else AutoModelForImageTextToText
+    kind = FAMILIES[name].kind
+    if kind == "reward":  # a reward model; from BASE (a causal LM, `base`) a new score head replaces lm_head
+        model, info = AutoModelForSequenceClassification.from_pretrained(folder, dtype=torch.float32, num_labels=1,
+                                                                         output_loading_info=True)
+        allowed = ({"score.weight"}, {"lm_head.weight"}) if base else (set(), set())
+        assert (set(info["missing_keys"]), set(info["unexpected_keys"])) == allowed, info
+        return model
+    auto = AutoModelForCausalLM if kind == "text" else AutoModelForImageTextToText
     model, info = auto.from_pretrained(folder, dtype=torch.float32, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     return model
@@ -71,14 +79,18 @@ def expected_output(base, ft, sidecar) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_probe_merge_load_protect(tmp_path, name):
-    base_dir, ft_dir = build(name, tmp_path / "base", seed=0), build(name, tmp_path / "ft", seed=1)
+    base_dir = build(name, tmp_path / "base", seed=0)
+    ft_dir = build_fine_tune(name, base_dir, tmp_path / "ft")
     mask = tmp_path / "m.dowser.safetensors"
-    probe(str(base_dir), str(mask), settings=ProbeSettings(include=("lm_head",), **SETTINGS), progress=False)
+    reward = FAMILIES[name].kind == "reward"  # its fine-tune has no lm_head: a mask over it would be refused
+    probe(str(base_dir), str(mask), settings=ProbeSettings(include=() if reward else ("lm_head",), **SETTINGS),
+          progress=False)
     sc = Sidecar(mask)
-    assert sc.names and sc.roles  # the head's mask knows its role
-    for n in sc.names:
+    assert sc.names and (sc.roles or reward)  # the head's mask knows its role
+    for n in sc.names:  # exact per matrix; per expert for a stored 3-D expert stack
         m = sc.mask(n)
-        assert int((~m).sum()) == trainable_count(m.numel(), RHO), n
+        for s in (m if m.dim() == 3 else [m]):
+            assert int((~s).sum()) == trainable_count(s.numel(), RHO), n
 
     # merge at the sidecar's own strength: protected entries are BASE's bits, the rest FT's
     out = tmp_path / "out"
@@ -107,7 +119,7 @@ def test_probe_merge_load_protect(tmp_path, name):
             assert same_bits(params[rules.canonical(n)].detach(), t), n
 
     # protect keeps protected entries bit-identical through AdamW with decoupled weight decay
-    model = in_memory(name, base_dir).train()
+    model = in_memory(name, base_dir, base=True).train()
     before = {n: p.detach().clone() for n, p in model.named_parameters(remove_duplicate=False)}
     handle = protect(model, mask)
     assert handle.protected > 0 and handle.trainable > 0
@@ -116,7 +128,7 @@ def test_probe_merge_load_protect(tmp_path, name):
     ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
     for _ in range(3):
         opt.zero_grad()
-        llm(input_ids=ids).logits.float().pow(2).mean().backward()
+        llm(input_ids=ids).logits.float().pow(2).mean().backward()  # a reward model's logits: (batch, 1)
         opt.step()
     assert handle.changed() == []
     now = dict(model.named_parameters(remove_duplicate=False))

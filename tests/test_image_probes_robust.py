@@ -15,7 +15,6 @@ from dowser_tool.probe.run import ProbeSettings, probe
 from dowser_tool.score import trainable_count
 
 from .families import build
-from .families_extra import build_extra
 from .test_bad_inputs import assert_clean_failure, run
 
 SMALL = dict(probes=4, probe_len=8, batch_size=2, draws=2, update_ratio=0.25)
@@ -23,7 +22,7 @@ SMALL = dict(probes=4, probe_len=8, batch_size=2, draws=2, update_ratio=0.25)
 
 @pytest.fixture(scope="module")
 def ovis2(tmp_path_factory):
-    return build_extra("ovis2", tmp_path_factory.mktemp("ovis2") / "ovis2")
+    return build("ovis2", tmp_path_factory.mktemp("ovis2") / "ovis2")
 
 
 def test_sampling_never_draws_a_suppressed_token():

@@ -15,13 +15,13 @@ from dowser_tool.model.capture import Captured, LayerCall
 from dowser_tool.model.carry import CarriedState
 from dowser_tool.probe.run import ProbeRun, ProbeSettings
 
-from .families_extra import build_extra
+from .families import build
 from .oracle import assert_run_matches_oracle, load_in_memory, oracle_for_run, relative_error
 
 
 @pytest.fixture(scope="module")
 def gemma3n(tmp_path_factory):
-    return build_extra("gemma3n_text", tmp_path_factory.mktemp("g3n") / "gemma3n_text")
+    return build("gemma3n_text", tmp_path_factory.mktemp("g3n") / "gemma3n_text")
 
 
 @pytest.mark.parametrize("estimator", ["reference", "hutchinson"])

@@ -234,7 +234,7 @@ class Anatomy:
         slices = expert_slices(conv, {k: self.keys.pattern[k] for k in keys}, self.shapes) if conv is not None else {}
         if not slices and len(keys) == 1:
             layout = stack_layout(self.model.get_submodule(module), conv, self.shapes[keys[0]],
-                                  self.model.get_parameter(param).shape)
+                                  self.model.get_parameter(param).shape, param.rpartition(".")[2])
             return [] if layout is None else [Weight(keys[0], param, module, "decoder", "expert", layer,
                                                      transposed=layout)]
         return [Weight(k, param, module, "decoder", "expert", layer, expert=e, rows=rows)

@@ -11,7 +11,7 @@ For a linear weight W (out x in) with input h and output z = W h, one update u
 nn.Linear and transformers' Conv1D are recorded with forward hooks on the module.
 Mixture-of-experts layers that keep all experts in one 3-D parameter call
 `F.linear(x, param[e])` (or `x @ param[e]` for experts stored (in, out), GPT-OSS) once per
-expert; a torch function mode active during that module's forward sees each call, and
+expert, or `torch.bmm(x, param)` once for all experts (Llama 4); a torch function mode active during that module's forward sees each call, and
 records the expert's own tokens: a over the tokens routed to expert e, psi over their output
 gradients. An expert that gets no token in an update records zeros, as an unused layer does.
 A per-expert checkpoint tensor (Mixtral, Qwen-MoE) has statistics of its own; a stored 3-D
@@ -92,6 +92,21 @@ class StatsRecorder:
         if output.requires_grad and self.method != "wanda":
             draws = self._stack_draws.setdefault(w.key, {}).setdefault(expert, [])
             output.register_hook(lambda g: draws.append(self._per_output(g)))
+
+    def record_batched(self, w: Weight, inputs: torch.Tensor, output: torch.Tensor) -> None:
+        """Record every expert of a stored 3-D stack `w` multiplied at once, output = bmm(inputs, W),
+        inputs (experts, tokens, in) (Llama 4: every expert gets every token, scaled by its routing
+        weight, which is 0 for a token not routed to it): each expert's a and psi over its own rows,
+        the nonzero ones."""
+        routed = inputs.detach().ne(0).any(-1)  # (experts, tokens)
+        experts = [e for e in range(inputs.shape[0]) if bool(routed[e].any())]
+        acts = self._stack_act.setdefault(w.key, {})
+        for e in experts:
+            acts[e] = _reduce(inputs[e][routed[e]], self.method == "wanda")
+        if output.requires_grad and self.method != "wanda":
+            draws = self._stack_draws.setdefault(w.key, {})
+            output.register_hook(lambda g: [draws.setdefault(e, []).append(self._per_output(g[e][routed[e]]))
+                                            for e in experts] and None)
 
     def _per_output(self, g: torch.Tensor) -> torch.Tensor:
         g = g.detach().float()
@@ -179,6 +194,9 @@ class _ExpertTracer(TorchFunctionMode):
         out = func(*args, **kwargs)
         if func is F.linear or func in _MATMULS:  # x W[e]^T (out, in) or x @ W[e] (in, out)
             weight = args[1] if len(args) > 1 else kwargs.get("weight", kwargs.get("other"))
+            if id(weight) in self.stacks and weight.dim() == 3 and args[0].dim() == 3:  # bmm over all experts
+                self.recorder.record_batched(self.stacks[id(weight)], args[0], out)
+                return out
             base = getattr(weight, "_base", None)
             if base is not None and id(base) in self.params and weight.dim() == 2:
                 expert = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
@@ -191,4 +209,5 @@ class _ExpertTracer(TorchFunctionMode):
         return out
 
 
-_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm)
+_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
+            torch.Tensor.bmm)

@@ -51,3 +51,23 @@ def test_docs_cite_only_tests_that_exist():
         for quoted in re.findall(r"`([^`]*test_\w+[^`]*)`", page.read_text()):
             for name in re.findall(r"(test_\w+(?:\.py)?)", quoted):
                 assert (name in files) if name.endswith(".py") else (name in defined), f"{page.name} cites {name}"
+
+
+README_NAMES = {  # family (tests/families.py) -> how the README's "Model families" names it
+    "llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3", "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3", "phi3": "Phi-3", "gpt2": "GPT-2", "qwen3_moe": "Qwen3-MoE", "mixtral": "Mixtral",
+    "lfm2": "LFM2", "jamba": "Jamba", "qwen3_next": "Qwen3-Next", "granitemoehybrid": "GraniteMoeHybrid",
+    "gpt_oss": "GPT-OSS", "llama4_text": "Llama 4", "gemma3n_text": "Gemma 3n", "qwen2_reward": "Qwen2 reward model",
+    "florence2": "Florence-2", "llava": "LLaVA", "llava_next": "LLaVA-Next", "llava_onevision": "LLaVA-OneVision",
+    "qwen2_vl": "Qwen2-VL", "qwen2_5_vl": "Qwen2.5-VL", "qwen3_vl": "Qwen3-VL", "idefics3": "Idefics3",
+    "smolvlm": "SmolVLM", "paligemma": "PaliGemma", "gemma3": "Gemma 3 (multimodal)", "internvl": "InternVL",
+    "mllama": "Mllama", "mistral3": "Mistral 3", "nvila_folder": "NVILA", "nvila_hf": "NVILA", "ovis2": "Ovis2"}
+
+
+def test_readme_lists_the_family_matrix():
+    from .families import FAMILIES
+
+    section = (ROOT / "README.md").read_text().split("## Model families", 1)[1].split("\n## ", 1)[0]
+    section = " ".join(section.split())
+    assert set(README_NAMES) == set(FAMILIES)
+    assert [n for n, shown in README_NAMES.items() if shown not in section] == []

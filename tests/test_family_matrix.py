@@ -154,10 +154,14 @@ def decoder_layers(model) -> list[tuple[str, torch.nn.Module]]:
     return [(f"{path}.{i}", layer) for i, layer in enumerate(layers)]
 
 
+def _is_norm(mod) -> bool:
+    return isinstance(mod, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or type(mod).__name__.endswith("RMSNorm")
+
+
 def assert_every_decoder_weight_accounted_for(name, model, sc):
-    """Every Linear/Conv1D weight of every decoder layer of the model in memory is scored, or listed in the
-    sidecar's `unscored` with a reason; so is every 3-D expert stack (per expert, or the stack); nothing is listed as
-    a router but a router, no convolution kernel as an expert stack."""
+    """Every parameter of every decoder layer of the model in memory is scored, or listed in the sidecar's `unscored`
+    with a reason: every Linear/Conv1D weight, every 3-D expert stack (per expert, or the stack), every norm weight and
+    bias; nothing is listed as a router but a router, no convolution kernel as an expert stack."""
     from transformers.pytorch_utils import Conv1D
 
     rules = KeyRules.of_model(model) if name not in NVILA else KeyRules(None)
@@ -177,6 +181,9 @@ def assert_every_decoder_weight_accounted_for(name, model, sc):
                                for m in (mod,) for k in ("router", "gate")), (w, listed[w])
             for pname, p in mod.named_parameters(recurse=False):
                 w = f"{here}.{pname}"
+                assert w in scored or w in listed or w in experts, f"{name}: decoder-layer tensor {w} is neither scored nor listed"
+                if pname == "bias" or _is_norm(mod):
+                    assert w in scored or listed.get(w) in ("bias (never scored)", "norm weight (never scored)"), (w, listed.get(w))
                 if p.dim() == 3 and not isinstance(mod, (torch.nn.Conv1d, torch.nn.Conv2d)):
                     assert w in experts or w in scored or w in listed, f"{name}: expert stack {w} is neither scored nor listed"
                 if isinstance(mod, torch.nn.Conv1d) and pname == "weight":

@@ -247,9 +247,9 @@ class Anatomy:
 
     def unscored(self, i: int) -> dict[str, str]:
         """{checkpoint key: why it is not scored} for every tensor of decoder layer i that the probe
-        does not score, except norm weights and biases (never scored, in any layer; docs/PROBE.md).
+        does not score.
 
-        Reasons: routers that are not linear layers (transformers' `...TopKRouter` modules compute
+        Reasons: norm weights and biases (never scored, in any layer; docs/PROBE.md); routers that are not linear layers (transformers' `...TopKRouter` modules compute
         with their own `weight`); expert stacks stored fused on disk; convolution kernels
         (Mamba's and short-convolution `conv1d`); state-space and other per-channel parameters
         (`A_log`, `D`, `dt_bias`, attention sinks, gates); linear routers are scored with
@@ -266,9 +266,8 @@ class Anatomy:
                     continue
                 reason = _unscored_reason(mod, pname, p, _inside(mod_name, routers), _inside(mod_name, experts),
                                           param in self.keys.converter)
-                if reason is not None:
-                    for key in self.keys.sources[param]:
-                        out[key] = reason
+                for key in self.keys.sources[param]:
+                    out[key] = reason
         return dict(sorted(out.items(), key=lambda kv: natural_key(kv[0])))
 
     def head_weight(self) -> Weight | None:
@@ -362,10 +361,12 @@ def _is_norm(mod) -> bool:
     return isinstance(mod, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)) or "norm" in type(mod).__name__.lower()
 
 
-def _unscored_reason(mod, pname: str, p, in_router: bool, in_experts: bool, converted: bool) -> str | None:
-    """Why a parameter of a decoder layer is not scored; None for norms and biases (never scored)."""
-    if (pname == "bias" or pname.endswith("_bias") and pname != "dt_bias") or (_is_norm(mod) and not _is_linear(mod)):
-        return None
+def _unscored_reason(mod, pname: str, p, in_router: bool, in_experts: bool, converted: bool) -> str:
+    """Why a parameter of a decoder layer is not scored (every one that is not has a reason)."""
+    if pname == "bias" or pname.endswith("_bias") and pname != "dt_bias":
+        return "bias (never scored)"
+    if _is_norm(mod) and not _is_linear(mod):
+        return "norm weight (never scored)"
     if in_router:
         return ("router (scored with --include router)" if _is_linear(mod) else
                 f"router ({type(mod).__name__}: computes routing weights, not a linear layer; not scored)")

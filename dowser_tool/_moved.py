@@ -42,3 +42,14 @@ class _Finder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 if not any(isinstance(f, _Finder) for f in sys.meta_path):
     sys.meta_path.append(_Finder())
+
+
+def moved_attribute(package: str, new_module, name: str):
+    """Attribute `name` of `new_module`, asked for at its old path `package.name` (a package that was
+    one module before 0.2), with a DeprecationWarning naming the new path; AttributeError otherwise.
+    For a package's module-level `__getattr__`."""
+    if hasattr(new_module, name) and not name.startswith("__"):
+        warnings.warn(f"{package}.{name} moved to {new_module.__name__}.{name}; the old path goes in "
+                      "dowser-tool 0.3", DeprecationWarning, stacklevel=3)
+        return getattr(new_module, name)
+    raise AttributeError(f"module {package!r} has no attribute {name!r}")

@@ -7,6 +7,7 @@ into place at the end; on any error, Ctrl-C or SIGTERM the temporary is removed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
@@ -103,3 +104,12 @@ def atomic_dir(dest: str | os.PathLike):
         raise DowserError(f"{dest}: cannot write ({e.strerror or e})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """SHA-256 (hex) of a file's bytes, read in 1 MiB blocks (records name the sidecar they used by it)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

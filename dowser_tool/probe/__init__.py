@@ -22,12 +22,7 @@ __all__ = ["ProbeSettings", "parse_size", "probe"]
 
 def __getattr__(name):
     # `dowser_tool.probe` was one module before 0.2: its other names now live in `probe.run`.
+    from .. import _moved
     from . import run
 
-    if hasattr(run, name) and not name.startswith("__"):
-        import warnings
-
-        warnings.warn(f"dowser_tool.probe.{name} moved to dowser_tool.probe.run.{name}; the old path goes in "
-                      "dowser-tool 0.3", DeprecationWarning, stacklevel=2)
-        return getattr(run, name)
-    raise AttributeError(f"module 'dowser_tool.probe' has no attribute {name!r}")
+    return _moved.moved_attribute(__name__, run, name)

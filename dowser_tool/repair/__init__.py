@@ -20,12 +20,7 @@ __all__ = ["merge_checkpoint"]
 
 def __getattr__(name):
     # `dowser_tool.repair` was the module of post-hoc methods before 0.2 (now `repair.methods`).
+    from .. import _moved
     from . import methods
 
-    if hasattr(methods, name) and not name.startswith("__"):
-        import warnings
-
-        warnings.warn(f"dowser_tool.repair.{name} moved to dowser_tool.repair.methods.{name}; the old path goes in "
-                      "dowser-tool 0.3", DeprecationWarning, stacklevel=2)
-        return getattr(methods, name)
-    raise AttributeError(f"module 'dowser_tool.repair' has no attribute {name!r}")
+    return _moved.moved_attribute(__name__, methods, name)

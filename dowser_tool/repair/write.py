@@ -10,7 +10,6 @@ the tensors written, and the repair record. It decides nothing the plan has not.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 import time
@@ -31,7 +30,7 @@ from ..io.checkpoint import (
     Checkpoint,
 )
 from ..io.layout import DTYPES
-from ..io.outputs import atomic_dir
+from ..io.outputs import atomic_dir, file_sha256
 from ..model.quant import dequantize
 from ..model.streaming import trim_heap
 from .kernels import (
@@ -86,14 +85,6 @@ class _Span:
     path: Path
     start: int
     end: int
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _in_order(pool: ThreadPoolExecutor, fn, items):
@@ -224,7 +215,7 @@ class MergeWriter:
             with ThreadPoolExecutor(WORKERS) as pool, intra_op_threads(1), contextlib.closing(
                 _in_order(pool, lambda item: self._produce(item, restore), streamed)
             ) as values:
-                mask_sha = pool.submit(_file_sha256, plan.sidecar.path) if plan.sidecar is not None else None
+                mask_sha = pool.submit(file_sha256, plan.sidecar.path) if plan.sidecar is not None else None
                 self._since_trim = 0
                 for file, names in plan.layout:
                     (tmp / file).parent.mkdir(parents=True, exist_ok=True)

@@ -10,12 +10,12 @@ update_ratio} or null), `base_model` ({name_or_path, revision}), `update_ratio`,
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
 
 from ..errors import DowserError
+from ..io.outputs import file_sha256
 from .header import SidecarHeader
 
 ADAPTER_RECORD = "dowser_adapter.json"  # written beside adapter_config.json
@@ -143,14 +143,6 @@ def adapter_folder(path: Path) -> bool:
     return (path / "adapter_config.json").is_file() and not any(path.rglob("*.dowser.safetensors"))
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def summarize_adapter(folder) -> dict:
     """An adapter folder made from a sidecar: its record, its adapter_config.json's essentials, and
     whether the recorded sidecar is still at its path with the recorded SHA-256 ("matches",
@@ -169,7 +161,7 @@ def summarize_adapter(folder) -> dict:
     status = None
     if sidecar and sidecar.get("path"):
         path = Path(sidecar["path"])
-        status = "missing" if not path.is_file() else "matches" if _sha256(path) == sidecar.get("sha256") else "differs"
+        status = "missing" if not path.is_file() else "matches" if file_sha256(path) == sidecar.get("sha256") else "differs"
     keep = ("peft_type", "base_model_name_or_path", "revision", "sparsity", "target_modules")
     return {"path": str(folder), "kind": "sparse-adapter", "record": record, "sidecar_status": status,
             "adapter_config": {k: config.get(k) for k in keep if k in config}}

@@ -30,7 +30,6 @@ lists them with the reason.
 from __future__ import annotations
 
 import functools
-import hashlib
 import inspect
 import json
 import math
@@ -42,7 +41,7 @@ import torch
 
 from .. import __version__
 from ..errors import DowserError, reason
-from ..io.outputs import atomic_dir, atomic_file, check_destination
+from ..io.outputs import atomic_dir, atomic_file, check_destination, file_sha256
 from ..model.keys import KeyRules, match_names, peft_fold
 from ..score import validate_ratio
 from ..sidecar.file import Sidecar
@@ -283,7 +282,7 @@ def _record(peft_model, side, layers, trainable, empty, uncovered, sparsity, pad
     base = peft_model.get_base_model()
     sidecar = None
     if side is not None:
-        sidecar = {"path": str(Path(side.path).resolve()), "sha256": _sha256(side.path),
+        sidecar = {"path": str(Path(side.path).resolve()), "sha256": file_sha256(side.path),
                    "base_model": side.metadata.get("base_model"), "update_ratio": side.metadata.get("update_ratio")}
     counted = [m for m in layers if m in trainable or m in empty]
     n_train = sum(trainable[m].numel() - padded.get(m, 0) for m in trainable)
@@ -297,14 +296,6 @@ def _record(peft_model, side, layers, trainable, empty, uncovered, sparsity, pad
         "all_protected": {m: layers[m][0] for m in sorted(set(layers) - set(trainable))},
         "uncovered": dict(sorted(uncovered.items())),
     }
-
-
-def _sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_adapter_record(folder, record: dict) -> Path:

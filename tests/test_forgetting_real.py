@@ -47,6 +47,9 @@ def test_quick_benchmark_reports_every_method(tmp_path, base):
             assert math.isfinite(r[k]) and 0.0 <= r[k] <= 1.5, (r["method"], k, r[k])
     # the base model's own scores are the reference: kept is 1 for the untouched model, so a row with
     # everything trained away from BASE must differ from it somewhere
+    by = {r["method"]: r for r in rows if r["group"] == "train"}  # the sparse adapter trains the mask's set exactly
+    assert by["dowser sparse-adapter"]["trainable"] == by["dowser"]["trainable"] > 0
+    assert by["dowser sparse-adapter"]["protected"] == by["dowser"]["protected"]
     full = next(r for r in rows if r["method"] == "full-ft")
     assert full["kept"] != 1.0 or full["new"] > 0.0
     for name in ("tables.md", "summary.json", "methods.png", "repairs.png"):

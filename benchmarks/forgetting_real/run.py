@@ -41,6 +41,7 @@ METHODS = {
     "wanda": ("full", "wanda", "lr"),
     "magnitude": ("full", "magnitude", "lr"),
     "random": ("full", "random", "lr"),
+    "dowser sparse-adapter": ("sparse-adapter", "dowser", "lr"),
     "supertuning-top": ("supertuning-top", None, "lr"),
     "supertuning-bottom": ("supertuning-bottom", None, "lr"),
     # likely causes, measured when Dowser does not beat random (see RESULTS.md)
@@ -60,7 +61,8 @@ def plan(seeds: list[int], quick: bool, causes: bool = True) -> list[tuple[str, 
     for s in first:
         units += [("posthoc-extra", s)]
     for s in first:
-        units += [(m, s) for m in ("lora", "wanda", "magnitude", "supertuning-top", "supertuning-bottom")]
+        units += [(m, s) for m in ("lora", "wanda", "magnitude", "supertuning-top", "supertuning-bottom",
+                                   "dowser sparse-adapter")]
     for s in seeds[3:]:
         units += [("full-ft", s), ("dowser", s), ("random", s)]
     if causes and not quick:
@@ -195,9 +197,6 @@ def posthoc_rows(model, seed: int, sidecars: dict, keep: bool) -> list[dict]:
     d.mkdir(parents=True, exist_ok=True)
     ft_dir = d / "full-ft"
     model.save_pretrained(ft_dir)
-    b_all = load_file(str(base / "model.safetensors"))
-    base_t = {n: b_all[n] for n in names}
-    del b_all
     params = dict(model.named_parameters())
     ft_t = {n: params[n].detach().clone() for n in names}
     rows = []

@@ -4,6 +4,8 @@
 - lora: peft LoRA on the same modules, rank chosen so its parameter count is about the masked budget.
 - mask:<sidecar>: full-size parameters through `dowser_tool.protect` (update ratio 0.1: 10% of each
   matrix trainable, the rest bit-identical to BASE after every step).
+- sparse-adapter: the same Dowser mask as a PEFT sparse adapter (`dowser_tool.sparse_adapter`: only the
+  trainable entries are parameters, the delta added at their indices), the memory of an adapter.
 - supertuning-top / -bottom: peft's Super-Tuning (`SupertuningConfig`, sparsity 0.9: 10% of each
   matrix, largest / smallest magnitudes).
 
@@ -43,6 +45,15 @@ def lora_rank(model, frozen: int, ratio: float) -> int:
     return max(1, round(ratio * entries / per_rank))
 
 
+def _tuned_masks(model, sidecar, keep: set) -> dict:
+    """The sidecar's masks of the tuned layers' parameters, by parameter name."""
+    from dowser_tool import Sidecar
+
+    side = Sidecar(sidecar)
+    params = dict(model.named_parameters())
+    return {n: side.mask(n) for n in side.names if n in params and id(params[n]) in keep}
+
+
 def run(model, batch: Batch, method: str, *, frozen: int, steps: int, lr: float, batch_size: int, seed: int,
         sidecar=None, lora_r: int | None = None, log=None) -> tuple[object, dict]:
     """Fine-tune `model` (modified in place, or wrapped by peft); returns (model to evaluate, info)."""
@@ -60,6 +71,14 @@ def run(model, batch: Batch, method: str, *, frozen: int, steps: int, lr: float,
         model = get_peft_model(model, cfg)
         params = [p for p in model.parameters() if p.requires_grad]
         info["rank"] = r
+    elif method == "sparse-adapter":  # the sidecar's trainable set as a PEFT sparse adapter (values = the delta)
+        from dowser_tool import sparse_adapter
+
+        keep = set(map(id, layer_params(model, frozen)))  # only the tuned layers' masks, as `protect` trains them
+        masks = _tuned_masks(model, sidecar, keep)
+        model = sparse_adapter(model, masks)
+        params = [p for p in model.parameters() if p.requires_grad]
+        info["trainable"], info["protected"] = model.dowser_record["trainable"], model.dowser_record["protected"]
     elif method.startswith("supertuning"):
         from peft import SupertuningConfig, get_peft_model
 
@@ -77,7 +96,7 @@ def run(model, batch: Batch, method: str, *, frozen: int, steps: int, lr: float,
             handle = protect(model, str(sidecar))
             info["trainable"] = handle.trainable
             info["protected"] = handle.protected
-    info["trainable_params"] = (info.get("trainable") if handle else sum(p.numel() for p in params))
+    info["trainable_params"] = info["trainable"] if "trainable" in info else sum(p.numel() for p in params)
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.98), weight_decay=0.01)
     warmup = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(

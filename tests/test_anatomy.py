@@ -126,6 +126,10 @@ def test_anatomy_of_every_family(tmp_path, name):
                                                      (fused[0].rows[1] - fused[0].rows[0], 2 * (fused[0].rows[1] - fused[0].rows[0]))}
     if FAMILIES[name].kind == "vlm":
         assert a.vision_encoder is not None and a.vision_layers
+    for v in a.vision_layers:  # blocks, not patch-embedding convolutions
+        assert any(isinstance(m, torch.nn.Linear) for m in model.get_submodule(v).modules()), v
+    if name == "florence2":  # DaViT: one list of blocks per stage
+        assert a.vision_layers == ["model.vision_tower.blocks.0.0", "model.vision_tower.blocks.1.0"]
     assert bool(a.tied) == (name in TIED), a.tied
 
 

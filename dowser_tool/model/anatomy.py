@@ -184,14 +184,17 @@ class Anatomy:
 
     @cached_property
     def vision_layers(self) -> list[str]:
-        """Module paths of the vision tower's blocks (elements of its ModuleLists of
-        `_no_split_modules` blocks, else of its longest ModuleList)."""
+        """Module paths of the vision tower's blocks: elements of its ModuleLists of `_no_split_modules`
+        blocks; else of every ModuleList whose elements hold linear layers (a tower in stages keeps one
+        list per stage, Florence-2's DaViT; a list of patch-embedding convolutions is not blocks)."""
         if self.vision_encoder is None:
             return []
         enc = self.model.get_submodule(self.vision_encoder)
         no_split = set(getattr(self.model, "_no_split_modules", None) or ())
         lists = [(n, m) for n, m in enc.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
-        chosen = [(n, m) for n, m in lists if type(m[0]).__name__ in no_split] or sorted(lists, key=lambda x: -len(x[1]))[:1]
+        chosen = [(n, m) for n, m in lists if type(m[0]).__name__ in no_split] or [
+            (n, m) for n, m in lists
+            if not isinstance(m[0], nn.ModuleList) and any(_is_linear(x) for x in m[0].modules())]
         return [f"{self.vision_encoder}.{n}.{i}" for n, m in chosen for i in range(len(m))]
 
     # ---- what the probe scores ---------------------------------------------------------------

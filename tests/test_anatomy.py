@@ -201,3 +201,20 @@ def test_encoder_decoder_scores_the_decoder_stack(tmp_path):
     assert outside and all(k.startswith("model.language_model.encoder.layers.0.") for k in outside)
     assert any("encoder_attn" in w.key for w in a.decoder_weights(0))  # cross-attention is scored
     assert not [w for w in a.stem_weights("projector") if ".encoder.layers." in w.key]
+
+
+def test_experts_land_on_their_own_slices_when_some_are_missing(tmp_path):
+    """Per-expert tensors are placed by the number in their name, not their position in the set: a mask set
+    holding experts 1 and 3 only (a sidecar of part of a model) maps to slices 1 and 3 of the fused parameter."""
+    from transformers import AutoModelForCausalLM
+
+    folder = build("mixtral", tmp_path / "mixtral")
+    rules = KeyRules.of_model(AutoModelForCausalLM.from_pretrained(folder))
+    stem = "model.layers.0.block_sparse_moe.experts"
+    full = {f"{stem}.{e}.{p}.weight": (16 if p != "w2" else 32, 32 if p != "w2" else 16)
+            for e in range(4) for p in ("w1", "w2", "w3")}
+    shapes = {k: s for k, s in full.items() if f".{1}." in k or f".{3}." in k}
+    placed = rules.expert_placement(shapes)
+    assert placed == {k: v for k, v in rules.expert_placement(full).items() if k in shapes}
+    assert {placed[f"{stem}.{e}.w1.weight"][1] for e in (1, 3)} == {1, 3}
+    assert placed[f"{stem}.3.w3.weight"][2] == placed[f"{stem}.1.w3.weight"][2] == (16, 32)  # gate rows, then up

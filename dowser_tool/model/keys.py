@@ -163,11 +163,20 @@ def expert_slices(converter, pattern_of: dict[str, str], shapes: dict) -> dict[s
     out, offset = {}, 0
     for pattern in converter.source_patterns:
         group = by_pattern.get(pattern, [])
-        for e, k in enumerate(group):
+        for e, k in zip(_expert_numbers(pattern, group), group):
             out[k] = (e, (offset, offset + shapes[k][0]))
         if group:
             offset += shapes[group[0]][0]
     return out
+
+
+def _expert_numbers(pattern: str, keys: list[str]) -> list[int]:
+    """Each key's expert index: the number the pattern's `*` stands for in it (`.experts.*.w1.weight`),
+    so that a set missing some experts (a sidecar of part of a model) still lands on the right slices;
+    the position in `keys` where the names carry no distinct numbers."""
+    found = re.compile(re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+    numbers = [int(m.group(m.lastindex)) if (m := found.search(k)) and m.lastindex else None for k in keys]
+    return numbers if None not in numbers and len(set(numbers)) == len(numbers) else list(range(len(keys)))
 
 
 # ---- names across checkpoints and models (merge, protect, masks) -----------------------------------
@@ -443,6 +452,32 @@ def mask_aliases(sidecar, name_map: NameMap, shape_of) -> dict[str, str]:
     return composite_alias(unmatched, shapes, rules)
 
 
+def composite_prefix(names, model_names: set, rules: KeyRules) -> tuple[str, str] | None:
+    """(P, Q): the composite's prefix of `names` and the model's for the same tensors, as
+    `composite_alias` finds them: from the longest dotted suffix of each name that names exactly
+    one of `model_names` (canonical); the most common pair. Per-expert names, which no parameter ends
+    with, do not vote; they follow the pair the other tensors agree on. None when nothing votes."""
+    from collections import Counter
+
+    suffixes: dict[str, set[str]] = {}
+    for canon in model_names:
+        parts = canon.split(".")
+        for k in range(len(parts)):
+            suffixes.setdefault(".".join(parts[k:]), set()).add(canon)
+    votes: Counter = Counter()
+    for name in names:
+        parts = rules.canonical(name).split(".")
+        for k in range(1, len(parts)):
+            suffix = ".".join(parts[k:])
+            hits = suffixes.get(suffix)
+            if hits:
+                if len(hits) == 1:
+                    (hit,) = hits
+                    votes[(".".join(parts[:k]) + ".", hit[: len(hit) - len(suffix)])] += 1
+                break
+    return votes.most_common(1)[0][0] if votes else None
+
+
 def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fingerprint=None) -> dict[str, str]:
     """{wanted name: canonical name in `tensors`} for the names of a composite checkpoint (a VLM, NVILA)
     whose language model `tensors` holds on its own, else {}.
@@ -455,27 +490,10 @@ def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fi
     `fingerprint(name)` records one, the weight must have that fingerprint (in its dtype or a float
     dtype checkpoints are stored in: the model may be loaded upcast), else DowserError: same shapes,
     other weights."""
-    from collections import Counter
-
-    suffixes: dict[str, set[str]] = {}
-    for canon in tensors:
-        parts = canon.split(".")
-        for k in range(len(parts)):
-            suffixes.setdefault(".".join(parts[k:]), set()).add(canon)
-    votes: Counter = Counter()
-    for name in wanted:
-        parts = rules.canonical(name).split(".")
-        for k in range(1, len(parts)):
-            hits = suffixes.get(".".join(parts[k:]))
-            if hits:
-                if len(hits) == 1:
-                    (hit,) = hits
-                    suffix = ".".join(parts[k:])
-                    votes[(".".join(parts[:k]) + ".", hit[: len(hit) - len(suffix)])] += 1
-                break
-    if not votes:
+    pair = composite_prefix(wanted, set(tensors), rules)
+    if pair is None:
         return {}
-    (p, q), _ = votes.most_common(1)[0]
+    p, q = pair
     alias = {}
     for name in wanted:
         canon = rules.canonical(name)

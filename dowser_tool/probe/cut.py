@@ -63,8 +63,7 @@ class MaskCutter:
 
     def cut(self, x: Weight, W: torch.Tensor, psi, a, w):
         """x's mask, cut from its weight (as stored) and statistics, bit-packed into the spill file."""
-        if x.expert is None:  # a whole stored tensor: merge checks BASE against it
-            self.fingerprints[x.key] = weight_fingerprint(W)
+        self.fingerprints[x.key] = weight_fingerprint(W)  # the tensor as stored (one expert's, too): merge checks BASE
         score = score_matrix(W, psi, a, w, transposed=x.transposed)
         mask = self.mask_spill.add(PackedMask.of(cut_mask(score, self.s.update_ratio)))
         del score

@@ -26,10 +26,10 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import DowserError
-from ..model.keys import KeyRules, match_names, peft_fold
+from ..model.keys import KeyRules, composite_prefix, match_names, peft_fold
 from ..repair.lora import init_moves_base
 from ..score import validate_ratio
-from ..sidecar.file import Sidecar
+from ..sidecar.file import Sidecar, weight_fingerprint
 
 # Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
 # schedulefree, bitsandbytes). Gradient statistics of a protected entry are zeroed: its gradient is
@@ -381,7 +381,8 @@ def _targets(source: _MaskSource, params: dict, model):
     model's transformers class). A mask with a role (output head, input embedding) goes to the parameter
     that plays the role in this model (`KeyRules.roles`), wherever the sidecar stored it. A
     module PEFT trains as a copy (`modules_to_save`) is protected in every adapter's copy; the frozen
-    original beside it is left alone.
+    original beside it is left alone. A sidecar probed on a composite (a VLM, NVILA) reaches its language
+    model loaded alone, dense masks and expert masks alike (`_composite`).
     """
     folded: dict[str, list[str]] = {}
     for name in params:
@@ -391,21 +392,125 @@ def _targets(source: _MaskSource, params: dict, model):
     rules = KeyRules.of_model(model)
     roles = rules.roles(folded) if rules.known and source.roles else None  # unknown family: by name only
     by_role = {n: roles.of(r) for n, r in source.roles.items()} if roles else {}
-    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules, source.sidecar)
+    matched, missing = match_names([n for n in source.names if by_role.get(n) is None], folded, rules)
     matched.update({n: plain for n, plain in by_role.items() if plain is not None})
     fused: dict[str, list] = {}
     if missing:  # per-expert masks (Mixtral / Qwen-MoE checkpoints) of experts fused into 3-D parameters
-        placed = rules.expert_placement({n: source.shape(n) for n in missing})
-        for name, (param, expert, rows) in placed.items():
-            for target in folded.get(param, []):
-                fused.setdefault(target, []).append((name, expert, rows))
-        missing = [n for n in missing if n not in placed or not folded.get(placed[n][0])]
+        placed = _place_experts(rules, {n: source.shape(n) for n in missing}, folded, fused)
+        missing = [n for n in missing if n not in placed]
+    if missing and source.sidecar is not None and rules.known:
+        missing = _composite(source, rules, folded, params, missing, matched, fused)
     if missing:
         shown = ", ".join(missing[:8]) + (f", ... ({len(missing)} in all)" if len(missing) > 8 else "")
         raise DowserError(f"mask entries match no parameter of the model: {shown}")
     pairs = [(mask_name, param) for mask_name in source.names if mask_name in matched
              for param in folded[matched[mask_name]]]
     return pairs, fused
+
+
+def _place_experts(rules: KeyRules, shapes: dict, folded: dict, fused: dict, mask_of: dict | None = None) -> set:
+    """Add per-expert masks ({name in this model's checkpoint layout: shape}) to `fused` ({parameter:
+    [(mask name, expert, rows)]}) for the 3-D expert parameters loading fuses them into; `mask_of` maps a
+    layout name to its sidecar name (default: the same). Returns the layout names placed."""
+    placed = set()
+    for key, (param, expert, rows) in rules.expert_placement(shapes).items():
+        for target in folded.get(param, []):
+            fused.setdefault(target, []).append(((mask_of or {}).get(key, key), expert, rows))
+            placed.add(key)
+    return placed
+
+
+def _composite(source: _MaskSource, rules: KeyRules, folded: dict, params: dict, missing: list,
+               matched: dict, fused: dict) -> list[str]:
+    """Map the masks of a sidecar probed on a composite checkpoint (a VLM's `model.language_model.*`,
+    NVILA's `llm.*`) onto its language model loaded alone, expert masks included: the composite's prefix
+    P becomes the model's Q (`keys.composite_prefix`), and each renamed mask then goes where a checkpoint of
+    the model alone would load it (a parameter, or an expert's rows of a fused 3-D parameter).
+    Refuses (`_check_composite`) when a mapped tensor's shape or recorded fingerprint disagrees.
+    Adds to `matched` and `fused`; returns the names still unmatched."""
+    pair = composite_prefix(missing, {rules.canonical(n) for n in folded}, rules)
+    if pair is None:
+        return missing
+    p, q = pair
+    layout = {}  # sidecar name -> its name in a checkpoint of the model alone
+    for name in missing:
+        key = next((k for k in (peft_fold(name)[0], rules.canonical(name)) if k.startswith(p)), None)
+        if key is not None:
+            layout[name] = q + key[len(p):]
+    back = {v: k for k, v in layout.items()}
+    direct, rest = match_names(list(back), folded, rules)
+    dense = {back[k]: plain for k, plain in direct.items()}
+    experts: dict[str, list] = {}
+    placed = _place_experts(rules, {k: source.shape(back[k]) for k in rest}, folded, experts, back)
+    _check_composite(source, p, {n: (folded[plain][0], params[folded[plain][0]]) for n, plain in dense.items()},
+                     {t: (params[t], parts) for t, parts in experts.items()})
+    matched.update(dense)
+    for target, parts in experts.items():
+        fused.setdefault(target, []).extend(parts)
+    done = set(dense) | {back[k] for k in placed}
+    return [n for n in missing if n not in done]
+
+
+FINGERPRINTS_CHECKED = 16  # composite mapping: weights fingerprinted of each kind (dense, experts)
+
+
+def _check_composite(source: _MaskSource, p: str, dense: dict, experts: dict) -> None:
+    """Refuse, in one line, a composite mapping onto tensors other than those the masks were probed on:
+    a shape that differs (`_composite_views`), or a weight whose fingerprint, where the sidecar records one,
+    differs (up to FINGERPRINTS_CHECKED dense weights and as many expert tensors: stacks, slices). `dense`:
+    {mask name: (parameter name, parameter)}; `experts`: {parameter name: (parameter, [(mask name, expert, rows)])}."""
+    where = f"the mask was probed on a model holding this one under {p!r}"
+    counts = {"dense": 0, "expert": 0}
+    for name, kind, weight, what in _composite_views(source, where, dense, experts):
+        expected = source.sidecar.fingerprint(name)
+        if expected is None or counts[kind] >= FINGERPRINTS_CHECKED or weight is None or weight.device.type == "meta":
+            continue  # no fingerprint recorded, enough checked, or a shard / placeholder: nothing whole here
+        counts[kind] += 1
+        if not _fingerprint_agrees(weight, expected):
+            raise DowserError(f"{where} ({name!r}), but {what} is not the weight it was probed on (its fingerprint "
+                              f"differs in {weight.dtype} and every storage dtype): another model, or loaded in a "
+                              "narrower dtype than it is stored in")
+
+
+def _composite_views(source: _MaskSource, where: str, dense: dict, experts: dict) -> list[tuple]:
+    """(mask name, "dense" or "expert", the model's tensor as the mask stores it (None for a sharded parameter),
+    what it is) for every mapped mask; DowserError when a shape disagrees: a dense parameter neither of the
+    mask's shape nor its transposed 3-D stack, an expert slice of another shape, or per-expert masks that do
+    not make up the fused parameter (every expert, every row)."""
+    views = []
+    for name, (param_name, param) in dense.items():
+        shape, flip = source.shape(name), _stored_transposed(source.shape(name), param)
+        if shape != tuple(param.shape) and not flip:
+            raise DowserError(f"{where}, but {name!r} has shape {list(shape)} in the mask and {param_name!r} "
+                              f"{list(param.shape)} in this model")
+        weight = None if _is_dtensor(param) else param.detach()
+        views.append((name, "expert" if param.dim() == 3 else "dense",  # a 3-D expert stack counts as experts
+                      weight.transpose(1, 2) if flip and weight is not None else weight, repr(param_name)))
+    for param_name, (param, parts) in experts.items():
+        made = (len({e for _, e, _ in parts}), max(r1 for _, _, (_, r1) in parts))
+        if param.dim() != 3 or made != tuple(param.shape[:2]):
+            raise DowserError(f"{where}, but its per-expert masks of {param_name!r} make {made[0]} experts of "
+                              f"{made[1]} rows, and this model's parameter has shape {list(param.shape)}")
+        for name, e, (r0, r1) in parts:
+            if (r1 - r0, *param.shape[2:]) != source.shape(name):
+                raise DowserError(f"{where}, but {name!r} has shape {list(source.shape(name))} in the mask and "
+                                  f"expert {e} rows {r0}:{r1} of {param_name!r} {[r1 - r0, *param.shape[2:]]} here")
+            views.append((name, "expert", None if _is_dtensor(param) else param.detach()[e, r0:r1],
+                          f"expert {e} rows {r0}:{r1} of {param_name!r}"))
+    return views
+
+
+def _fingerprint_agrees(weight: torch.Tensor, expected: str) -> bool:
+    """Whether `weight` has the fingerprint the probe recorded (`sidecar.file.weight_fingerprint`) in its
+    own dtype or a float dtype checkpoints are stored in (the model may be loaded upcast)."""
+    w = weight.detach()
+    for dtype in dict.fromkeys((w.dtype, torch.bfloat16, torch.float16, torch.float32)):
+        try:
+            if weight_fingerprint(w.to(dtype).cpu()) == expected:
+                return True
+        except (RuntimeError, TypeError):
+            continue
+    return False
 
 
 def _fused_mask(source: _MaskSource, parts, param, update_ratio) -> torch.Tensor:

@@ -8,6 +8,12 @@ per-layer KV cache; rows still inside their random prefix are fed the prefix
 token instead of a sample, so no padding is needed. Media placeholder tokens (image, video,
 audio, their markers) are never drawn nor sampled: the processor inserts them itself.
 
+Encoder-decoder models (Florence-2's BART): the probe text is the encoder's input, and the
+decoder's input is the same text shifted right behind the decoder start token (as transformers
+trains them: `shift_tokens_right`), so the decoder runs over the probe's length. Generation has
+no KV cache there: each step is a full forward, encoder input the prefix so far, decoder input
+the start token and that prefix, and the next token is sampled from the decoder's last position.
+
 Images (optional): Gaussian noise N(0.5, 0.25^2) per channel, normalised with
 the processor's mean/std, at the vision tower's resolution, with the model's
 image placeholder tokens in front of the text.
@@ -163,13 +169,70 @@ def sample_next(logits: torch.Tensor, history: torch.Tensor, sampling: Sampling,
     return torch.multinomial(probs, 1, generator=gen).squeeze(1)
 
 
+def decoder_start_id(runner) -> int | None:
+    """The decoder start token id of an encoder-decoder model (the config transformers loaded says
+    `is_encoder_decoder`, and the model's forward takes `decoder_input_ids`), None for a decoder-only
+    one. It is the text config's `decoder_start_token_id`, else the top config's, else BOS (as
+    transformers' `generate` falls back)."""
+    import inspect
+
+    text_cfg, top = runner.anatomy.text_config, getattr(runner.model, "config", None)
+    if not (getattr(text_cfg, "is_encoder_decoder", False) or getattr(top, "is_encoder_decoder", False)):
+        return None
+    if "decoder_input_ids" not in inspect.signature(runner.model.forward).parameters:
+        return None
+    for cfg, key in ((text_cfg, "decoder_start_token_id"), (top, "decoder_start_token_id"),
+                     (text_cfg, "bos_token_id"), (top, "bos_token_id")):
+        value = getattr(cfg, key, None)
+        if isinstance(value, int):
+            return value
+    raise DowserError(f"{runner.ckpt.where}: an encoder-decoder model whose config names no decoder_start_token_id "
+                      "(nor bos_token_id) to start the decoder's input with")
+
+
+def shift_right(ids: torch.Tensor, start: int) -> torch.Tensor:
+    """The decoder's input for target tokens `ids` (B, T): the start token, then ids[:, :-1] (transformers'
+    `shift_tokens_right`; probe tokens hold no -100 to replace)."""
+    out = ids.new_full(ids.shape, start)
+    out[:, 1:] = ids[:, :-1]
+    return out
+
+
+def _step_logits(runner, tokens: torch.Tensor, t: int, cache, start: int | None) -> torch.Tensor:
+    """Last-position logits predicting token t + 1 of `tokens` (B, length) from tokens[:, :t+1].
+
+    Decoder-only (`start` None): token t alone, through `cache`. Encoder-decoder: no cache, a full
+    forward with the prefix as the encoder's input and the start token plus the prefix as the decoder's
+    (the decoder's input for tokens[:, :t+2], `shift_right`, which needs none of token t + 1)."""
+    if start is None:
+        ids = tokens[:, t : t + 1].to(runner.device)
+        if runner.keeps_loaded:
+            return runner.step_logits(ids, cache)
+        inputs = {"input_ids": ids, "cache": cache, "use_cache": True}
+    else:
+        prefix = tokens[:, : t + 1]
+        decoder = shift_right(tokens[:, : t + 2], start)
+        inputs = {"input_ids": prefix.to(runner.device), "decoder_input_ids": decoder.to(runner.device),
+                  "use_cache": False}
+        if runner.keeps_loaded:
+            out = runner.model(**inputs)
+            return (out.logits if hasattr(out, "logits") else out[0])[:, -1, :]
+    # the weights fit in no memory tier: each step streams every layer (the floor)
+    step = runner.capture(**inputs)
+    h = step.hidden
+    for i, layer in runner.stream(range(len(runner.layers))):
+        h = step.call(i, layer, h, runner.tuple_out)
+    return runner.head_logits(h)
+
+
 @torch.no_grad()
 def generate_text_probes(runner, count: int, length: int, seed: int, sampling: Sampling = Sampling(),
                          progress=None) -> torch.Tensor:
     """(count, length) token ids: random prefixes continued by the model, streamed layer by layer.
 
     One token per step for every row (rows still inside their random prefix are fed their
-    next prefix token), with a KV cache (transformers' DynamicCache) kept across steps. Media
+    next prefix token), with a KV cache (transformers' DynamicCache) kept across steps; an
+    encoder-decoder runs a full forward over the prefix each step instead (`_step_logits`). Media
     placeholders (`placeholder_token_ids`) are neither drawn into prefixes nor sampled.
     """
     from transformers import DynamicCache
@@ -189,19 +252,12 @@ def generate_text_probes(runner, count: int, length: int, seed: int, sampling: S
     tokens = torch.full((count, length), bos, dtype=torch.long)
     for r, p in enumerate(prefixes):
         tokens[r, : min(len(p), length)] = torch.tensor(p[:length])
-    cache = DynamicCache(config=runner.anatomy.text_config)
+    start = decoder_start_id(runner)  # an encoder-decoder: full forwards, no cache
+    cache = DynamicCache(config=runner.anatomy.text_config) if start is None else None
     if runner.keeps_loaded:
         runner.load_all()  # every layer in memory: each step is one forward of the model itself
     for t in range(length - 1):
-        ids = tokens[:, t : t + 1].to(runner.device)
-        if runner.keeps_loaded:
-            logits = runner.step_logits(ids, cache)
-        else:  # the weights fit in no memory tier: each step streams every layer (the floor)
-            step = runner.capture(input_ids=ids, cache=cache, use_cache=True)
-            h = step.hidden
-            for i, layer in runner.stream(range(len(runner.layers))):
-                h = step.call(i, layer, h, runner.tuple_out)
-            logits = runner.head_logits(h)
+        logits = _step_logits(runner, tokens, t, cache, start)
         if not bool(torch.isfinite(logits).all()):  # an overflow in a half dtype: refuse, never sample from NaN
             dtype = str(logits.dtype).replace("torch.", "")
             raise DowserError(f"{runner.ckpt.where}: non-finite logits while generating probes, computing in {dtype} "

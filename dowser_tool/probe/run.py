@@ -37,7 +37,8 @@ from ..model.streaming import BlockRunner
 from ..sidecar.file import OUTPUT_HEAD, SidecarData, default_sidecar_name, write_sidecar
 from .cut import MaskCutter, _holds_exactly, _tensor_info, gather, probe_info  # noqa: F401
 from .passes import PassRunner, progress_bar, rademacher
-from .prompts import ImageProbe, Sampling, generate_text_probes, image_processor, load_probe_file
+from .prompts import (ImageProbe, Sampling, decoder_start_id, generate_text_probes, image_processor, load_probe_file,
+                      shift_right)
 from .schedule import ActivationStore, ResumeState, batches_per_pass, split_batches
 from .selection import WeightSelection, _out_in  # noqa: F401
 from .settings import (ESTIMATORS, INCLUDES, METHODS, ProbeSettings, default_activation_budget, distributed_rank_world,
@@ -69,6 +70,7 @@ class ProbeRun:
         self.runner = BlockRunner(ckpt, self.device, self.dtype, residency=settings.resident,
                                   cache_dir=settings.cache_dir)
         self.anatomy = self.runner.anatomy
+        self.decoder_start = decoder_start_id(self.runner)  # None unless an encoder-decoder
         if settings.images and (self.anatomy.prefix or self.anatomy.vision_encoder is None):
             why = ("its LLM is probed with text only, as in the published runs" if self.anatomy.prefix
                    else "the model has no vision tower")
@@ -132,6 +134,8 @@ class ProbeRun:
             inputs = self.images.inputs(rows, ids)
         else:
             inputs = {"input_ids": ids}
+        if self.decoder_start is not None:  # an encoder-decoder: its decoder runs over the probe text too
+            inputs["decoder_input_ids"] = shift_right(ids, self.decoder_start)
         return self._on_device(inputs)
 
     def _on_device(self, inputs: dict) -> dict:

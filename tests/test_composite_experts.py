@@ -268,3 +268,22 @@ def test_a_text_model_whose_expert_stack_differs_is_refused(stacks):
     with pytest.raises(DowserError, match="fingerprint differs") as err:
         protect(text, mask)
     assert "\n" not in str(err.value) and "'layers.1.mlp.experts.gate_up_proj'" in str(err.value)
+
+
+def test_composite_moe_sidecar_makes_a_sparse_adapter_of_the_language_model_alone(composite, tmp_path):
+    """`sparse_adapter` maps names as `protect` does: every dense linear mask of the composite reaches the language
+    model alone with exactly its trainable entries; the per-expert masks (fused 3-D parameters there) are listed as
+    uncovered, not refused."""
+    from dowser_tool import sparse_adapter
+
+    _, folder, mask = composite
+    sc = Sidecar(mask)
+    llm = language_model_alone(folder, tmp_path / "llm")
+    with pytest.warns(UserWarning):
+        adapter = sparse_adapter(llm, mask)
+    record = adapter.dowser_record
+    dense = [n for n in sc.names if not EXPERT.search(n)]
+    assert sorted(record["modules"].values()) == sorted(dense)
+    assert set(record["uncovered"]) == {n for n in sc.names if EXPERT.search(n)}
+    assert record["trainable"] == sum(int((~sc.mask(n)).sum()) for n in dense)
+    assert sum(p.numel() for p in adapter.parameters() if p.requires_grad) >= record["trainable"]

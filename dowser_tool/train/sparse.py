@@ -42,7 +42,7 @@ import torch
 from .. import __version__
 from ..errors import DowserError, reason
 from ..io.outputs import atomic_dir, atomic_file, check_destination, file_sha256
-from ..model.keys import KeyRules, match_names, peft_fold
+from ..model.keys import peft_fold
 from ..score import validate_ratio
 from ..sidecar.file import Sidecar
 from ..sidecar.summary import ADAPTER_RECORD, RECORD_FORMAT, RECORD_VERSION, read_adapter_record  # noqa: F401
@@ -224,31 +224,21 @@ def _mask(side, masks_of, name, weight, update_ratio) -> torch.Tensor:
 
 def _layers(model, side, masks_of) -> tuple[dict, dict]:
     """({module name: (mask name, weight)} for masks on nn.Linear weights, {mask name: reason} for the
-    others). Names go through the family's key rules (`model.keys`), roles to the module playing them."""
+    others). Names map as `protect` maps them (`protect._targets`: the family's key rules, roles to the
+    module playing them, per-expert masks to fused 3-D parameters, a composite's prefix)."""
+    from .protect import _MaskSource, _targets
+
+    source = _MaskSource(side if side is not None else {n: load() for n, load in masks_of.items()})
     params = dict(model.named_parameters(remove_duplicate=False))
-    folded = {peft_fold(n)[0]: n for n in params}
-    rules = KeyRules.of_model(model)
-    roles = side.roles if side is not None else {}
-    by_role = {}
-    if rules.known and roles:
-        tensors = rules.roles(folded)
-        by_role = {n: tensors.of(r) for n, r in roles.items() if tensors.of(r) is not None}
-    matched, missing = match_names([n for n in masks_of if n not in by_role], folded, rules, side)
-    matched.update(by_role)
-    shapes = {n: tuple(side.shapes[n]) if side is not None else tuple(masks_of[n]().shape) for n in missing}
-    fused = rules.expert_placement(shapes) if missing else {}
-    unmatched = [n for n in missing if n not in fused]
-    if unmatched:
-        shown = ", ".join(unmatched[:8]) + (f", ... ({len(unmatched)} in all)" if len(unmatched) > 8 else "")
-        raise DowserError(f"mask entries match no parameter of the model: {shown}")
+    pairs, fused = _targets(source, params, model)
     owners = {}
     for module_name, module in model.named_modules(remove_duplicate=False):
         for local, p in module.named_parameters(recurse=False, remove_duplicate=False):
             owners[f"{module_name}.{local}" if module_name else local] = (module_name, module, local)
     layers, uncovered = {}, {n: "a fused 3-D expert parameter (peft's Super-Tuning adapts nn.Linear only)"
-                             for n in fused}
-    for mask_name, plain in matched.items():
-        module_name, module, local = owners[folded[plain]]
+                             for parts in fused.values() for n, _, _ in parts}
+    for mask_name, param in pairs:
+        module_name, module, local = owners[param]
         if isinstance(module, torch.nn.Linear) and local == "weight":
             if module_name in layers:
                 raise DowserError(f"masks {layers[module_name][0]!r} and {mask_name!r} both name {module_name!r}")

@@ -97,6 +97,9 @@ def reference_statistics(model, modules: dict[str, str], batches: list[dict], dr
 
         def fwd(key):  # a from the input; psi from the output's gradient (a tensor hook: the model may
             def hook(m, inp, out):  # modify the output in place, which a full backward hook forbids)
+                if isinstance(out, tuple):  # Llama 4's router returns (routing scores, router logits)
+                    assert type(m).__name__ == "Llama4Router", type(m).__name__
+                    out = out[1]
                 h = inp[0].detach().float()
                 seen_a[key] = h.abs().mean(tuple(range(h.dim() - 1)))
                 if out.requires_grad:

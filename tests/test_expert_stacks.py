@@ -141,3 +141,21 @@ def test_a_stack_is_scored_and_cut_expert_by_expert():
     assert torch.equal(score[1], W[1].abs())
     m = cut_mask(score, 0.3)
     assert [int((~m[e]).sum()) for e in range(3)] == [trainable_count(30, 0.3)] * 3
+
+
+def test_a_linear_router_with_its_own_forward_is_scored(folders, tmp_path):
+    """Llama 4's router is an nn.Linear whose forward returns (scores, logits): with --include router it is
+    scored from its own F.linear call: statistics equal the oracle's, exact count."""
+    folder = folders("llama4_text")
+    settings = ProbeSettings(probes=4, probe_len=10, batch_size=2, draws=2, include=("router",), resident="never")
+    run = ProbeRun(open_checkpoint(folder), settings, progress=False)
+    key = "model.layers.1.feed_forward.router.weight"
+    assert [w.kind for w in run.weights if w.key == key] == ["router"]
+    rec = run.collect()
+    assert bool(torch.stack(rec.psi[key]).any()) and bool(torch.stack(rec.a[key]).all())
+    assert stack_oracle(run, rec, folder, rtol=1e-5)[key] <= 1e-5
+    mask = tmp_path / "m.dowser.safetensors"
+    probe(str(folder), str(mask), settings=ProbeSettings(probes=2, probe_len=6, batch_size=2, draws=2,
+                                                         update_ratio=RHO, include=("router",)), progress=False)
+    m = Sidecar(mask).mask(key)
+    assert int((~m).sum()) == trainable_count(m.numel(), RHO)

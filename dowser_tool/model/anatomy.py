@@ -372,14 +372,15 @@ def _unscored_reason(mod, pname: str, p, in_router: bool, in_experts: bool, conv
         return "norm weight (never scored)"
     if in_router:
         return ("router (scored with --include router)" if _is_linear(mod) else
-                f"router ({type(mod).__name__}: computes routing weights, not a linear layer; not scored)")
+                f"router ({type(mod).__name__}: computes routing weights with its own parameter, not a linear "
+                "layer; not scored, also with --include router)")
     if in_experts and p.dim() == 3:
         return FUSED_ON_DISK if not converted else "expert stack whose per-expert layout is not known (not scored)"
     if isinstance(mod, _CONVS):
         return "convolution kernel (not scored)"
     if pname in ("A_log", "D", "dt_bias"):
         return "state-space parameter (not scored)"
-    return f"not a linear weight ({type(mod).__name__}.{pname}, {p.dim()}-D): not scored"
+    return f"not a linear weight ({type(mod).__name__}.{pname}, {p.dim()}-D; not scored)"
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

@@ -96,7 +96,8 @@ def special_token_ids(ckpt, text_cfg: dict, config: dict) -> tuple[int, set[int]
         eos = text_cfg.get("eos_token_id", config.get("eos_token_id"))
         bos = eos[0] if isinstance(eos, list) else eos
     if not isinstance(bos, int):
-        raise DowserError(f"{ckpt.where}: config has neither bos_token_id nor eos_token_id to start probes with")
+        raise DowserError(f"{ckpt.where}: config has neither bos_token_id nor eos_token_id to start probes with; "
+                          "set bos_token_id in config.json, or pass --probe-file")
     special.add(bos)
     return bos, special
 

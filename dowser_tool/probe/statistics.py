@@ -8,7 +8,8 @@ For a linear weight W (out x in) with input h and output z = W h, one update u
   released scripts) or sqrt(mean over draws of mean g^2) (`hutchinson`, the paper's
   E[g^2] = ||J_i||^2).
 
-nn.Linear and transformers' Conv1D are recorded with forward hooks on the module.
+nn.Linear and transformers' Conv1D are recorded with forward hooks on the module (an nn.Linear
+subclass with a forward of its own, Llama 4's router, by the torch function mode below).
 Mixture-of-experts layers that keep all experts in one 3-D parameter call
 `F.linear(x, param[e])` (or `x @ param[e]` for experts stored (in, out), GPT-OSS) once per
 expert, or `torch.bmm(x, param)` once for all experts (Llama 4); a torch function mode active during that module's forward sees each call, and
@@ -62,7 +63,7 @@ class StatsRecorder:
             by_module.setdefault(w.module, []).append(w)
         for path, group in by_module.items():
             module = model.get_submodule(path)
-            if group[0].expert is None and not is_stack(group[0]):
+            if group[0].expert is None and not is_stack(group[0]) and not _own_forward(module):
                 handles.append(module.register_forward_hook(self._linear_hook(group)))
             else:
                 tracer = _ExpertTracer(self, group, model)
@@ -166,7 +167,8 @@ class StatsRecorder:
 
 class _ExpertTracer(TorchFunctionMode):
     """Active during one experts module's forward: each `F.linear(x, param[e])` on a scored
-    3-D parameter is recorded for the per-expert weights that slice (param, e)."""
+    3-D parameter is recorded for the per-expert weights that slice (param, e); during the forward
+    of a Linear with a forward of its own, its `F.linear(x, weight)`."""
 
     def __init__(self, recorder: StatsRecorder, group: list[Weight], model):
         super().__init__()
@@ -197,6 +199,9 @@ class _ExpertTracer(TorchFunctionMode):
             if id(weight) in self.stacks and weight.dim() == 3 and args[0].dim() == 3:  # bmm over all experts
                 self.recorder.record_batched(self.stacks[id(weight)], args[0], out)
                 return out
+            if id(weight) in self.params and (id(weight), None) in self.by_slice:  # a Linear with its own forward
+                self.recorder.record(self.by_slice[(id(weight), None)], args[0], out)
+                return out
             base = getattr(weight, "_base", None)
             if base is not None and id(base) in self.params and weight.dim() == 2:
                 expert = (weight.storage_offset() - base.storage_offset()) // base.stride(0)
@@ -207,6 +212,12 @@ class _ExpertTracer(TorchFunctionMode):
                     rows = {w.key: w.rows for w in group}
                     self.recorder.record(group, args[0], out, rows)
         return out
+
+
+def _own_forward(module) -> bool:
+    """An nn.Linear subclass with a forward of its own (Llama 4's router returns (scores, logits)): its
+    `F.linear` call is recorded by the torch function mode, not by a hook on the module's output."""
+    return isinstance(module, torch.nn.Linear) and type(module).forward is not torch.nn.Linear.forward
 
 
 _MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,

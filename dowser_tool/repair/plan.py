@@ -366,7 +366,9 @@ class MergePlan:
         canon = self.composite.get(mask_name) or self.rules.canonical(mask_name)
         role = self.sidecar.roles.get(mask_name)
         if canon not in self.base_map:
-            return self._refuse(mask_name, f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have")
+            probed = (self.sidecar.metadata.get("base_model") or {}).get("id")
+            on = f" (it was probed on {probed})" if probed else ""
+            return self._refuse(mask_name, f"{self.sidecar.path}: masks {mask_name!r}, which BASE does not have{on}")
         base_name = self.base_map.to_checkpoint(canon)
         if role and base_roles.of(role) != base_name:
             raise DowserError(f"{self.sidecar.path}: {mask_name!r} is recorded as the mask of the {role}, but "

@@ -99,8 +99,12 @@ def worker():
     os._exit(0)
 
 
-def test_ddp_and_fsdp2_keep_protected_entries_bit_identical(tmp_path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", DOWSER_RESULTS=str(tmp_path))
+GLOO_ABORT = "terminate called without an active exception"  # gloo's threads aborting a rank (pytorch#190489)
+
+
+def _torchrun(results) -> tuple[int, str]:
+    results.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", TRANSFORMERS_VERBOSITY="error", DOWSER_RESULTS=str(results))
     proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                              __file__], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -109,7 +113,19 @@ def test_ddp_and_fsdp2_keep_protected_entries_bit_identical(tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 0, stderr[-3000:]
+    return proc.returncode, stderr
+
+
+def test_ddp_and_fsdp2_keep_protected_entries_bit_identical(tmp_path):
+    rc, stderr = _torchrun(tmp_path / "1")
+    if rc != 0 and GLOO_ABORT in stderr and "Traceback (most recent call last)" not in stderr.split(GLOO_ABORT)[0]:
+        # a rank aborted inside gloo with no Python error before it (seen once in CI): one fresh run, same checks
+        print(f"first torchrun: a rank aborted in gloo ({GLOO_ABORT!r}); running once more", file=sys.stderr)
+        tmp_path = tmp_path / "2"
+        rc, stderr = _torchrun(tmp_path)
+    else:
+        tmp_path = tmp_path / "1"
+    assert rc == 0, stderr[-3000:]
     results = [json.loads(f.read_text()) for f in sorted(tmp_path.glob("*.json"))]
     assert sorted((r["mode"], r["rank"]) for r in results) == [("ddp", 0), ("ddp", 1), ("fsdp2", 0), ("fsdp2", 1)]
     expected_trainable = sum(int((~m).sum()) for m in masks_for(tiny_llama()).values())

@@ -116,7 +116,7 @@ def build(rows: list[dict], meta: dict) -> tuple[str, dict]:
                  ("dowser", "lora"), ("dowser", "supertuning-top"), ("dowser", "supertuning-bottom"),
                  ("random", "magnitude"), ("dowser lr x4", "random lr x4"), ("dowser chat-probes", "dowser"),
                  ("dowser chat-probes", "random"), ("dowser sparse-adapter", "dowser"),
-                 ("dowser sparse-adapter", "random")]:
+                 ("dowser sparse-adapter", "random"), ("dowser rho 0.02", "random rho 0.02")]:
         if a in tr and b in tr:
             pairs.append((f"train: {a} − {b}", paired(tr[a], tr[b], "kept"), paired(tr[a], tr[b], "new"),
                           paired(tr[a], tr[b], "H")))
@@ -161,7 +161,8 @@ def build(rows: list[dict], meta: dict) -> tuple[str, dict]:
     for (g, m, s_), v in sorted(agg.items(), key=lambda kv: (kv[0][1], kv[1]["kept"][0])):
         if g != "posthoc" and m not in ("dowser", "random", "wanda", "magnitude", "lora", "full-ft",
                                          "supertuning-top", "supertuning-bottom", "dowser lr x4", "random lr x4",
-                                         "dowser chat-probes", "dowser sparse-adapter"):
+                                         "dowser chat-probes", "dowser sparse-adapter", "dowser rho 0.02",
+                                         "random rho 0.02"):
             continue
         if (g == "posthoc" and m in ("interpolation", "LiNeS", "DG-Hard")) or not ref:
             continue

@@ -33,6 +33,7 @@ def settings(quick: bool) -> dict:
                 ties=[0.3], dare=[0.9], lines=[0.0, 0.5], dg=[1.0])
 
 
+SMALL_RATIO = 0.02  # update ratio of the small-budget cause experiment
 # method name -> (train.run method, sidecar key or None, learning-rate key or value)
 METHODS = {
     "full-ft": ("full", None, "lr"),
@@ -48,6 +49,9 @@ METHODS = {
     "dowser lr x4": ("full", "dowser", 4),
     "random lr x4": ("full", "random", 4),
     "dowser chat-probes": ("full", "dowser-chat", "lr"),
+    # a smaller budget, where which entries are kept should matter more
+    f"dowser rho {SMALL_RATIO:g}": ("full", f"dowser-r{SMALL_RATIO:g}", "lr"),
+    f"random rho {SMALL_RATIO:g}": ("full", f"random-r{SMALL_RATIO:g}", "lr"),
 }
 
 
@@ -68,6 +72,8 @@ def plan(seeds: list[int], quick: bool, causes: bool = True) -> list[tuple[str, 
     if causes and not quick:
         for s in first:
             units += [("dowser lr x4", s), ("random lr x4", s), ("dowser chat-probes", s)]
+        for s in first:
+            units += [(f"dowser rho {SMALL_RATIO:g}", s), (f"random rho {SMALL_RATIO:g}", s)]
     return units
 
 
@@ -96,6 +102,19 @@ def prepare(work: Path, base: Path, cfg: dict, seeds: list[int], log=print) -> d
             tool.probe(base, p, "random", layers=LAYERS, seed=s, log=log)
         sc[f"random-{s}"] = p
     return {"sidecars": {k: str(v) for k, v in sc.items()}, "probe_seconds": costs}
+
+
+def small_ratio_sidecars(work: Path, base: Path, dowser_side: Path, seeds: list[int], log=print) -> dict:
+    """The Dowser sidecar re-cut at SMALL_RATIO (`dowser mask`), and a random one per seed at that ratio."""
+    r = f"r{SMALL_RATIO:g}"
+    out = {f"dowser-{r}": work / f"dowser-{r}.dowser.safetensors"}
+    if not out[f"dowser-{r}"].exists():
+        tool.recut(dowser_side, SMALL_RATIO, out[f"dowser-{r}"], log=log)
+    for s in seeds:
+        p = out[f"random-{r}-{s}"] = work / f"random-{r}-{s}.dowser.safetensors"
+        if not p.exists():
+            tool.probe(base, p, "random", layers=LAYERS, seed=s, ratio=SMALL_RATIO, log=log)
+    return {k: str(v) for k, v in out.items()}
 
 
 def chat_probes(base: Path, out_tokens: Path, n: int, length: int, seed: int = 0) -> Path:
@@ -168,7 +187,7 @@ def run_unit(unit: tuple[str, int], sidecars: dict, grid_seeds=(0, 1, 2)) -> lis
     lr = cfg[lr_key] if isinstance(lr_key, str) else cfg["lr"] * lr_key
     side = None
     if key is not None:
-        side = sidecars[f"random-{seed}"] if key == "random" else sidecars[key]
+        side = sidecars[f"{key}-{seed}"] if key.startswith("random") else sidecars[key]
     t0 = time.time()
     model, info = TR.run(_fresh(), _W["train"], fn, frozen=FROZEN, steps=cfg["steps"], lr=lr,
                          batch_size=cfg["batch"], seed=seed, sidecar=side, log=_log)
@@ -283,6 +302,8 @@ def run_all(base: Path, work: Path, seeds: list[int], quick: bool, jobs: int, re
             tool.probe(base, chat_side, "dowser", layers=LAYERS, probes=cfg["probes"], draws=cfg["draws"],
                        probe_file=toks, log=log)
         sidecars["dowser-chat"] = str(chat_side)
+    if any(u[0].endswith(f"rho {SMALL_RATIO:g}") for u in units):
+        sidecars.update(small_ratio_sidecars(work, base, Path(sidecars["dowser"]), seeds[:3], log))
     done = set()
     rows = []
     if results.exists():  # resume: skip units already reported

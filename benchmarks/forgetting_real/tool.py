@@ -33,9 +33,10 @@ def dowser(*args, log=None) -> dict:
 
 
 def probe(base: Path, out: Path, method: str = "dowser", *, layers: str, seed: int = 0, probes: int = 64,
-          draws: int = 8, batch_size: int = 4, probe_file: Path | None = None, extra=(), log=None) -> Path:
+          draws: int = 8, batch_size: int = 4, probe_file: Path | None = None, extra=(), ratio: float = 0.1,
+          log=None) -> Path:
     args = ["probe", base, "--out", out, "--method", method, "--layers", layers, "--seed", seed,
-            "--update-ratio", 0.1, "--dtype", "float32", "-q", "--force"]
+            "--update-ratio", ratio, "--dtype", "float32", "-q", "--force"]
     if method in ("dowser", "wanda"):
         args += ["--probes", probes, "--batch-size", batch_size]
     if method == "dowser":
@@ -75,3 +76,9 @@ def merge_interpolate(base: Path, ft: Path, alphas: list[float], out: Path, log=
     spec = ",".join(f"{a:g}" for a in alphas)
     dowser("merge", "--base", base, "--finetuned", ft, "--interpolate", spec, "--out", out, "--force", "-q", log=log)
     return {a: (out if len(alphas) == 1 else Path(f"{out}-a{a:g}")) for a in alphas}
+
+
+def recut(sidecar: Path, ratio: float, out: Path, log=None) -> Path:
+    """`dowser mask SIDECAR --update-ratio RATIO`: the same statistics cut at another ratio."""
+    dowser("mask", sidecar, "--update-ratio", ratio, "--out", out, "--force", log=log)
+    return out

@@ -116,7 +116,8 @@ def build(rows: list[dict], meta: dict) -> tuple[str, dict]:
                  ("dowser", "lora"), ("dowser", "supertuning-top"), ("dowser", "supertuning-bottom"),
                  ("random", "magnitude"), ("dowser lr x4", "random lr x4"), ("dowser chat-probes", "dowser"),
                  ("dowser chat-probes", "random"), ("dowser sparse-adapter", "dowser"),
-                 ("dowser sparse-adapter", "random"), ("dowser rho 0.02", "random rho 0.02")]:
+                 ("dowser sparse-adapter", "random"), ("dowser rho 0.02", "random rho 0.02"),
+                 ("dowser rho 0.02 lr x4", "random rho 0.02 lr x4")]:
         if a in tr and b in tr:
             pairs.append((f"train: {a} − {b}", paired(tr[a], tr[b], "kept"), paired(tr[a], tr[b], "new"),
                           paired(tr[a], tr[b], "H")))
@@ -162,7 +163,7 @@ def build(rows: list[dict], meta: dict) -> tuple[str, dict]:
         if g != "posthoc" and m not in ("dowser", "random", "wanda", "magnitude", "lora", "full-ft",
                                          "supertuning-top", "supertuning-bottom", "dowser lr x4", "random lr x4",
                                          "dowser chat-probes", "dowser sparse-adapter", "dowser rho 0.02",
-                                         "random rho 0.02"):
+                                         "random rho 0.02", "dowser rho 0.02 lr x4", "random rho 0.02 lr x4"):
             continue
         if (g == "posthoc" and m in ("interpolation", "LiNeS", "DG-Hard")) or not ref:
             continue

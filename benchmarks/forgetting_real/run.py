@@ -52,6 +52,8 @@ METHODS = {
     # a smaller budget, where which entries are kept should matter more
     f"dowser rho {SMALL_RATIO:g}": ("full", f"dowser-r{SMALL_RATIO:g}", "lr"),
     f"random rho {SMALL_RATIO:g}": ("full", f"random-r{SMALL_RATIO:g}", "lr"),
+    f"dowser rho {SMALL_RATIO:g} lr x4": ("full", f"dowser-r{SMALL_RATIO:g}", 4),
+    f"random rho {SMALL_RATIO:g} lr x4": ("full", f"random-r{SMALL_RATIO:g}", 4),
 }
 
 
@@ -73,7 +75,7 @@ def plan(seeds: list[int], quick: bool, causes: bool = True) -> list[tuple[str, 
         for s in first:
             units += [("dowser lr x4", s), ("random lr x4", s), ("dowser chat-probes", s)]
         for s in first:
-            units += [(f"dowser rho {SMALL_RATIO:g}", s), (f"random rho {SMALL_RATIO:g}", s)]
+            units += [(f"{m} rho {SMALL_RATIO:g}{lr}", s) for lr in ("", " lr x4") for m in ("dowser", "random")]
     return units
 
 
@@ -302,7 +304,7 @@ def run_all(base: Path, work: Path, seeds: list[int], quick: bool, jobs: int, re
             tool.probe(base, chat_side, "dowser", layers=LAYERS, probes=cfg["probes"], draws=cfg["draws"],
                        probe_file=toks, log=log)
         sidecars["dowser-chat"] = str(chat_side)
-    if any(u[0].endswith(f"rho {SMALL_RATIO:g}") for u in units):
+    if any(f"rho {SMALL_RATIO:g}" in u[0] for u in units):
         sidecars.update(small_ratio_sidecars(work, base, Path(sidecars["dowser"]), seeds[:3], log))
     done = set()
     rows = []

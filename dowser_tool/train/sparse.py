@@ -46,6 +46,7 @@ from ..model.keys import peft_fold
 from ..score import validate_ratio
 from ..sidecar.file import Sidecar
 from ..sidecar.summary import ADAPTER_RECORD, RECORD_FORMAT, RECORD_VERSION, read_adapter_record  # noqa: F401
+from .protect import _MaskSource, _targets
 
 
 def sparse_adapter(model: torch.nn.Module, sidecar, *, update_ratio: float | None = None, adapter_name: str = "default",
@@ -83,9 +84,9 @@ def sparse_adapter(model: torch.nn.Module, sidecar, *, update_ratio: float | Non
     arXiv 2607.09287; the mask is Model-Dowser's (docs/METHOD.md).
     """
     SupertuningConfig, get_peft_model = _peft()
-    update_ratio, side, masks_of = _checked_inputs(model, sidecar, update_ratio, adapter_name, revision)
-    layers, uncovered = _layers(model, side, masks_of)
-    trainable, empty = _trainable(side, masks_of, layers, update_ratio)
+    update_ratio, source = _checked_inputs(model, sidecar, update_ratio, adapter_name, revision)
+    layers, uncovered = _layers(model, source)
+    trainable, empty = _trainable(source, layers, update_ratio)
     sparsity, counts = choose_sparsity({m: (layers[m][1].numel(), idx.numel()) for m, idx in trainable.items()})
     padded = _pad_to_counts(trainable, counts)
     config = SupertuningConfig(target_modules=sorted(trainable), sparsity=sparsity, save_precomputed_indices=True,
@@ -93,7 +94,7 @@ def sparse_adapter(model: torch.nn.Module, sidecar, *, update_ratio: float | Non
     peft_model = get_peft_model(model, config, adapter_name=adapter_name)
     _set_indices(peft_model, trainable, adapter_name)
     peft_model.dowser_padding_hooks = _zero_padding_grads(peft_model, padded, trainable, adapter_name)
-    record = _record(peft_model, side, layers, trainable, empty, uncovered, sparsity, padded, update_ratio,
+    record = _record(peft_model, source.sidecar, layers, trainable, empty, uncovered, sparsity, padded, update_ratio,
                      base_revision)
     peft_model.dowser_record = record
     _record_on_save(peft_model, adapter_name, record)
@@ -102,24 +103,24 @@ def sparse_adapter(model: torch.nn.Module, sidecar, *, update_ratio: float | Non
 
 
 def _checked_inputs(model, sidecar, update_ratio, adapter_name, revision):
-    """(update ratio, Sidecar or None, {mask name: loader}) after checking every argument."""
+    """(update ratio, the masks as protect reads them) after checking every argument."""
     if update_ratio is not None:
         update_ratio = validate_ratio(update_ratio)
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
         raise DowserError(f"adapter_name must be a non-empty name without dots, got {adapter_name!r}")
     if hasattr(model, "peft_config") or not isinstance(model, torch.nn.Module):
         raise DowserError("sparse_adapter() takes a plain transformers model, not a PEFT-wrapped one (or a non-model)")
-    side, masks_of = _mask_source(sidecar, revision)
-    if update_ratio is not None and (side is None or not side.has_stats):
+    source = _mask_source(sidecar, revision)
+    if update_ratio is not None and not source.has_stats:
         raise DowserError(f"cannot re-cut at update ratio {update_ratio}: the mask holds no score statistics")
-    return update_ratio, side, masks_of
+    return update_ratio, source
 
 
-def _trainable(side, masks_of, layers, update_ratio) -> tuple[dict, list]:
+def _trainable(source: _MaskSource, layers, update_ratio) -> tuple[dict, list]:
     """({module: flat indices of trainable entries, ascending}, [modules whose mask protects everything])."""
     trainable, empty = {}, []
     for module_name, (mask_name, weight) in layers.items():
-        mask = _mask(side, masks_of, mask_name, weight, update_ratio)
+        mask = _mask(source, mask_name, weight, update_ratio)
         idx = torch.nonzero(~mask.reshape(-1)).reshape(-1)
         if idx.numel():
             trainable[module_name] = idx
@@ -200,35 +201,32 @@ def _zero_padding_grads(peft_model, padded: dict, trainable: dict, adapter_name:
     return hooks
 
 
-def _mask_source(sidecar, revision):
-    """(Sidecar or None, {mask name: loader of its Bool mask})."""
+def _mask_source(sidecar, revision) -> _MaskSource:
+    """The masks as `protect` reads them (a Sidecar, or a dict of Bool masks)."""
     if isinstance(sidecar, dict):
         if revision is not None:
             raise DowserError("revision= applies to a sidecar path or Hub reference, not to a dict of masks")
-        return None, {n: (lambda m=m: torch.as_tensor(m).to(torch.bool)) for n, m in sidecar.items()}
+        return _MaskSource({n: torch.as_tensor(m).to(torch.bool) for n, m in sidecar.items()})
     if not isinstance(sidecar, Sidecar):
         if not isinstance(sidecar, (str, os.PathLike)):
             raise DowserError(f"sidecar must be a path, Hub reference, Sidecar or dict, got {type(sidecar).__name__}")
         sidecar = Sidecar(os.fspath(sidecar), revision)
-    return sidecar, {n: functools.partial(sidecar.mask, n) for n in sidecar.names}
+    return _MaskSource(sidecar)
 
 
-def _mask(side, masks_of, name, weight, update_ratio) -> torch.Tensor:
-    shape = tuple(side.shapes[name]) if side is not None else tuple(masks_of[name]().shape)
+def _mask(source: _MaskSource, name, weight, update_ratio) -> torch.Tensor:
+    shape = source.shape(name)
     if shape != tuple(weight.shape):
         raise DowserError(f"{name!r} has shape {list(shape)} in the mask but {list(weight.shape)} in the model")
     if update_ratio is not None:
-        return side.recut(name, weight.detach().cpu(), update_ratio)
-    return masks_of[name]()
+        return source.sidecar.recut(name, weight.detach().cpu(), update_ratio)
+    return source.mask(name)
 
 
-def _layers(model, side, masks_of) -> tuple[dict, dict]:
+def _layers(model, source: _MaskSource) -> tuple[dict, dict]:
     """({module name: (mask name, weight)} for masks on nn.Linear weights, {mask name: reason} for the
     others). Names map as `protect` maps them (`protect._targets`: the family's key rules, roles to the
     module playing them, per-expert masks to fused 3-D parameters, a composite's prefix)."""
-    from .protect import _MaskSource, _targets
-
-    source = _MaskSource(side if side is not None else {n: load() for n, load in masks_of.items()})
     params = dict(model.named_parameters(remove_duplicate=False))
     pairs, fused = _targets(source, params, model)
     owners = {}

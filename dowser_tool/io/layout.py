@@ -274,3 +274,36 @@ class StreamingWriter:
             self.close()
         else:
             self._file.close()
+
+
+# ---- weight fingerprints (the probe records them; merge and protect check them) --------------------------------
+FINGERPRINT_SAMPLE = 1 << 16  # bytes of a weight's strided sample that its fingerprint hashes
+
+
+def weight_fingerprint(weight: torch.Tensor) -> str:
+    """SHA-256 (hex) of a strided sample of a weight's stored bytes: every ceil(nbytes / 65536)-th
+    byte of the contiguous tensor, in the dtype it is stored in. Recorded by the probe per scored
+    tensor (`tensor_info` "fingerprint") so that merge can tell a BASE that is not the model the
+    mask was probed on, whatever its name or path (docs/FORMAT.md)."""
+    import hashlib
+
+    import torch
+
+    raw = weight.detach().contiguous().reshape(-1).view(torch.uint8)
+    step = max(1, -(-raw.numel() // FINGERPRINT_SAMPLE))
+    return hashlib.sha256(raw[::step].contiguous().numpy().tobytes()).hexdigest()
+
+
+def fingerprint_agrees(weight: torch.Tensor, expected: str) -> bool:
+    """Whether `weight` has the fingerprint `expected` (`weight_fingerprint`) in its own dtype or a float
+    dtype checkpoints are stored in (the model may be loaded upcast)."""
+    import torch
+
+    w = weight.detach()
+    for dtype in dict.fromkeys((w.dtype, torch.bfloat16, torch.float16, torch.float32)):
+        try:
+            if weight_fingerprint(w.to(dtype).cpu()) == expected:
+                return True
+        except (RuntimeError, TypeError):
+            continue
+    return False

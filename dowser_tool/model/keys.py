@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import DowserError
+from ..io.layout import fingerprint_agrees
 from .build import build_model, text_component
 
 # PEFT's renaming (peft/tuners/tuners_utils.py, peft/utils/other.py ModulesToSaveWrapper,
@@ -478,6 +479,9 @@ def composite_prefix(names, model_names: set, rules: KeyRules) -> tuple[str, str
     return votes.most_common(1)[0][0] if votes else None
 
 
+FINGERPRINTS_CHECKED = 16  # a composite mapping checks this many fingerprints: enough to tell another model's weights
+
+
 def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fingerprint=None) -> dict[str, str]:
     """{wanted name: canonical name in `tensors`} for the names of a composite checkpoint (a VLM, NVILA)
     whose language model `tensors` holds on its own, else {}.
@@ -508,34 +512,16 @@ def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fi
         expected = fingerprint(name) if fingerprint is not None else None
         if expected is None or not torch.is_tensor(tensors[target]) or tensors[target].device.type == "meta":
             continue
-        if not _fingerprint_agrees(tensors[target], expected):
+        if not fingerprint_agrees(tensors[target], expected):
             raise DowserError(
                 f"the mask was probed on a model holding this one under {p!r} ({name!r}), but {target!r} is not the "
                 f"weight it was probed on (its fingerprint differs in {tensors[target].dtype} and every storage dtype): "
                 "another model, or loaded in a narrower dtype than it is stored in")
         checked += 1
-        if checked >= 16:  # enough to tell another model's weights from these
+        if checked >= FINGERPRINTS_CHECKED:
             break
     return alias
 
 
 def _shape(t) -> tuple:
     return tuple(t.shape) if hasattr(t, "shape") else tuple(t)
-
-
-def _fingerprint_agrees(weight: torch.Tensor, expected: str) -> bool:
-    """Whether `weight` has the fingerprint the probe recorded (docs/FORMAT.md, `tensor_info`
-    "fingerprint": SHA-256 of every ceil(nbytes / 65536)-th byte of the stored tensor; the same
-    definition as `sidecar.file.weight_fingerprint`), in its own dtype or a storage float dtype."""
-    import hashlib
-
-    w = weight.detach()
-    for dtype in dict.fromkeys((w.dtype, torch.bfloat16, torch.float16, torch.float32)):
-        try:
-            raw = w.to(dtype).contiguous().reshape(-1).view(torch.uint8).cpu()
-        except (RuntimeError, TypeError):
-            continue
-        step = max(1, -(-raw.numel() // (1 << 16)))
-        if hashlib.sha256(raw[::step].contiguous().numpy().tobytes()).hexdigest() == expected:
-            return True
-    return False

@@ -32,7 +32,7 @@ import torch
 from .. import __version__
 from ..errors import DowserError
 from ..io.outputs import atomic_file
-from ..io.layout import TORCH_TO_ST, StreamingWriter
+from ..io.layout import FINGERPRINT_SAMPLE, TORCH_TO_ST, StreamingWriter, weight_fingerprint  # noqa: F401
 from ..score import cut_mask, score_matrix, validate_ratio
 from .header import (  # noqa: F401  (the format's names, here since 0.1)
     FORMAT_NAME, FORMAT_VERSION, INPUT_EMBEDDING, OUTPUT_HEAD, ROLES, SCORE_DTYPES, SUFFIX, SidecarHeader,
@@ -57,21 +57,6 @@ def unpack_bits(packed: torch.Tensor, shape) -> torch.Tensor:
         raise ValueError(f"{packed.numel()} packed bytes cannot hold {n} bits")
     bits = (packed.reshape(-1, 1) & _BIT_WEIGHTS).ne(0).reshape(-1)[:n]
     return bits.reshape(tuple(shape))
-
-
-FINGERPRINT_SAMPLE = 1 << 16  # bytes of a weight's strided sample that its fingerprint hashes
-
-
-def weight_fingerprint(weight: torch.Tensor) -> str:
-    """SHA-256 (hex) of a strided sample of a weight's stored bytes: every ceil(nbytes / 65536)-th
-    byte of the contiguous tensor, in the dtype it is stored in. Recorded by the probe per scored
-    tensor (`tensor_info` "fingerprint") so that merge can tell a BASE that is not the model the
-    mask was probed on, whatever its name or path (docs/FORMAT.md)."""
-    import hashlib
-
-    raw = weight.detach().contiguous().reshape(-1).view(torch.uint8)
-    step = max(1, -(-raw.numel() // FINGERPRINT_SAMPLE))
-    return hashlib.sha256(raw[::step].contiguous().numpy().tobytes()).hexdigest()
 
 
 class _Packed:

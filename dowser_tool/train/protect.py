@@ -26,10 +26,11 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from ..errors import DowserError
-from ..model.keys import KeyRules, composite_prefix, match_names, peft_fold
+from ..io.layout import fingerprint_agrees
+from ..model.keys import FINGERPRINTS_CHECKED, KeyRules, composite_prefix, match_names, peft_fold
 from ..repair.lora import init_moves_base
 from ..score import validate_ratio
-from ..sidecar.file import Sidecar, weight_fingerprint
+from ..sidecar.file import Sidecar
 
 # Per-entry optimizer state, by the names optimizers give it (torch.optim, transformers' Adafactor,
 # schedulefree, bitsandbytes). Gradient statistics of a protected entry are zeroed: its gradient is
@@ -451,9 +452,6 @@ def _composite(source: _MaskSource, rules: KeyRules, folded: dict, params: dict,
     return [n for n in missing if n not in done]
 
 
-FINGERPRINTS_CHECKED = 16  # composite mapping: weights fingerprinted of each kind (dense, experts)
-
-
 def _check_composite(source: _MaskSource, p: str, dense: dict, experts: dict) -> None:
     """Refuse, in one line, a composite mapping onto tensors other than those the masks were probed on:
     a shape that differs (`_composite_views`), or a weight whose fingerprint, where the sidecar records one,
@@ -466,7 +464,7 @@ def _check_composite(source: _MaskSource, p: str, dense: dict, experts: dict) ->
         if expected is None or counts[kind] >= FINGERPRINTS_CHECKED or weight is None or weight.device.type == "meta":
             continue  # no fingerprint recorded, enough checked, or a shard / placeholder: nothing whole here
         counts[kind] += 1
-        if not _fingerprint_agrees(weight, expected):
+        if not fingerprint_agrees(weight, expected):
             raise DowserError(f"{where} ({name!r}), but {what} is not the weight it was probed on (its fingerprint "
                               f"differs in {weight.dtype} and every storage dtype): another model, or loaded in a "
                               "narrower dtype than it is stored in")
@@ -498,19 +496,6 @@ def _composite_views(source: _MaskSource, where: str, dense: dict, experts: dict
             views.append((name, "expert", None if _is_dtensor(param) else param.detach()[e, r0:r1],
                           f"expert {e} rows {r0}:{r1} of {param_name!r}"))
     return views
-
-
-def _fingerprint_agrees(weight: torch.Tensor, expected: str) -> bool:
-    """Whether `weight` has the fingerprint the probe recorded (`sidecar.file.weight_fingerprint`) in its
-    own dtype or a float dtype checkpoints are stored in (the model may be loaded upcast)."""
-    w = weight.detach()
-    for dtype in dict.fromkeys((w.dtype, torch.bfloat16, torch.float16, torch.float32)):
-        try:
-            if weight_fingerprint(w.to(dtype).cpu()) == expected:
-                return True
-        except (RuntimeError, TypeError):
-            continue
-    return False
 
 
 def _fused_mask(source: _MaskSource, parts, param, update_ratio) -> torch.Tensor:

@@ -106,8 +106,12 @@ class StatsRecorder:
             acts[e] = _reduce(inputs[e][routed[e]], self.method == "wanda")
         if output.requires_grad and self.method != "wanda":
             draws = self._stack_draws.setdefault(w.key, {})
-            output.register_hook(lambda g: [draws.setdefault(e, []).append(self._per_output(g[e][routed[e]]))
-                                            for e in experts] and None)
+
+            def hook(g):  # one psi draw per expert, from its own rows of the output gradient
+                for e in experts:
+                    draws.setdefault(e, []).append(self._per_output(g[e][routed[e]]))
+
+            output.register_hook(hook)
 
     def _per_output(self, g: torch.Tensor) -> torch.Tensor:
         g = g.detach().float()

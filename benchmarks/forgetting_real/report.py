@@ -204,16 +204,8 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
     for i, ((g, m, s), v) in enumerate(trained):
         ax.errorbar(v["kept"][0], v["new"][0], xerr=v["kept"][1], yerr=v["new"][1], fmt=markers[i % len(markers)],
                     color=colors[i % len(colors)], capsize=3, label=f"{m} (n={v['n']})")
-    ax.set_xlabel("kept old capability (mean of score / base score)")
-    ax.set_ylabel("new-task accuracy")
-    ax.set_title("Training methods, SmolLM2-135M-Instruct, last 20 of 30 layers")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    p = out / "methods.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    paths.append(p)
+    paths.append(_save(plt, fig, ax, "kept old capability (mean of score / base score)",
+                       "Training methods, SmolLM2-135M-Instruct, last 20 of 30 layers", out / "methods.png"))
     fig, ax = plt.subplots(figsize=(7, 5))
     fams = sorted({k[1] for k in agg if k[0] == "posthoc"})
     for fam in fams:
@@ -223,17 +215,22 @@ def plots(rows: list[dict], out: Path) -> list[Path]:
         v = agg.get(("train", m, None))
         if v:
             ax.plot(v["kept"][0], v["new"][0], "k*" if m == "full-ft" else "s", ms=9, label=f"trained: {m}")
-    ax.set_xlabel("kept old capability")
+    paths.append(_save(plt, fig, ax, "kept old capability", "Post-hoc repairs of the full fine-tune (means over seeds)",
+                       out / "repairs.png"))
+    return paths
+
+
+def _save(plt, fig, ax, xlabel: str, title: str, path: Path) -> Path:
+    """Label a kept-vs-new plot, save it as `path` (PNG, 110 dpi) and close it."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("new-task accuracy")
-    ax.set_title("Post-hoc repairs of the full fine-tune (means over seeds)")
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    p = out / "repairs.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    paths.append(p)
-    return paths
+    return path
 
 
 def write(results: Path, out: Path, plot: bool = True) -> dict:

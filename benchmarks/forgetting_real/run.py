@@ -207,12 +207,24 @@ def _load_into(model, tensors: dict):
             params[n].copy_(t)
 
 
+def _scorer(model, seed: int, rows: list):
+    """score(family, setting, strength, tensors, **extra): load the tuned tensors into `model`, evaluate
+    it, append the post-hoc row to `rows`."""
+    def score(family, setting, strength, tensors, **extra):
+        _load_into(model, tensors)
+        r = _row("posthoc", family, seed, _W["suite"].scores(model), setting=setting, strength=strength, **extra)
+        rows.append(r)
+        _log(f"  {family} {setting}: new {r['new']:.3f} kept {r['kept']:.3f}")
+
+    return score
+
+
 def posthoc_rows(model, seed: int, sidecars: dict, keep: bool) -> list[dict]:
     """`dowser merge` repairs of this full fine-tune (--restore, --interpolate), evaluated in the same model
     object; the fine-tune is kept on disk for `extra_rows` when `keep`."""
     from safetensors.torch import load_file
 
-    cfg, s, base = _W["cfg"], _W["suite"], _W["base"]
+    cfg, base = _W["cfg"], _W["base"]
     names = tuned_names(model, FROZEN)
     d = _W["work"] / f"seed{seed}"
     d.mkdir(parents=True, exist_ok=True)
@@ -221,12 +233,7 @@ def posthoc_rows(model, seed: int, sidecars: dict, keep: bool) -> list[dict]:
     params = dict(model.named_parameters())
     ft_t = {n: params[n].detach().clone() for n in names}
     rows = []
-
-    def score(family, setting, strength, tensors, **extra):
-        _load_into(model, tensors)
-        r = _row("posthoc", family, seed, s.scores(model), setting=setting, strength=strength, **extra)
-        rows.append(r)
-        _log(f"  {family} {setting}: new {r['new']:.3f} kept {r['kept']:.3f}")
+    score = _scorer(model, seed, rows)
 
     def from_folder(folder: Path):
         t = load_file(str(Path(folder) / "model.safetensors"))
@@ -253,7 +260,7 @@ def extra_rows(seed: int, wait: float = 3600) -> list[dict]:
     fine-tune `posthoc_rows` kept (waits for it when another worker is still writing it)."""
     from safetensors.torch import load_file
 
-    cfg, s, base = _W["cfg"], _W["suite"], _W["base"]
+    cfg, base = _W["cfg"], _W["base"]
     ft_dir = _W["work"] / f"seed{seed}" / "full-ft"
     t0 = time.time()
     while not (ft_dir / "merges-done").exists():
@@ -266,12 +273,7 @@ def extra_rows(seed: int, wait: float = 3600) -> list[dict]:
     base_t, ft_t = {n: b_all[n] for n in names}, {n: f_all[n] for n in names}
     del b_all, f_all
     rows = []
-
-    def score(family, setting, strength, tensors, **extra):
-        _load_into(model, tensors)
-        r = _row("posthoc", family, seed, s.scores(model), setting=setting, strength=strength, **extra)
-        rows.append(r)
-        _log(f"  {family} {setting}: new {r['new']:.3f} kept {r['kept']:.3f}")
+    score = _scorer(model, seed, rows)
 
     n_layers = len(model.model.layers)
     for a in cfg["lines"]:

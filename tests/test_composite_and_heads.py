@@ -23,33 +23,19 @@ from dowser_tool.repair.merge import merge_checkpoint
 from dowser_tool.score import trainable_count
 
 from .families import build, build_qwen2_reward
+from .test_expert_stacks import _train_protected
+from .test_family_matrix import same_bits
 
 RHO = 0.25
 SETTINGS = dict(probes=4, probe_len=8, batch_size=2, draws=2, update_ratio=RHO)
-
-
-def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.contiguous().view(ints[a.element_size()]), b.contiguous().view(ints[b.element_size()]))
 
 
 def assert_protect_exact(model, mask, expect: dict[str, str]):
     """protect(model, mask) covers the parameters `expect` names ({sidecar name: parameter}) with the sidecar's
     masks and keeps their protected entries bit-identical through three AdamW steps with weight decay."""
     sc = Sidecar(mask)
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    handle = protect(model, mask)
+    handle, before, now = _train_protected(model.train(), mask)
     assert set(expect.values()) <= set(handle.names)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2, weight_decay=0.1)
-    ids = torch.randint(3, 60, (2, 6), generator=torch.Generator().manual_seed(0))
-    for _ in range(3):
-        opt.zero_grad()
-        model(input_ids=ids).logits.float().pow(2).mean().backward()
-        opt.step()
-    assert handle.changed() == []
-    now = dict(model.named_parameters())
     for name, param in expect.items():
         m = sc.mask(name)
         assert torch.equal(now[param].detach()[m], before[param][m]), name  # protected: BASE's values

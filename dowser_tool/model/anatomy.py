@@ -392,7 +392,7 @@ def decoder_of(model: nn.Module) -> nn.Module:
         try:
             inner = decoder.get_decoder() if hasattr(decoder, "get_decoder") else None
         except (AttributeError, TypeError, ValueError, NotImplementedError):
-            inner = None
+            inner = None  # a decoder layer stack's generic get_decoder() may raise: it has no inner decoder
         if not isinstance(inner, nn.Module) or inner is decoder:
             break
         decoder = inner

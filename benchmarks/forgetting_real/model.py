@@ -47,8 +47,9 @@ def _rope_mask(dec, h):
 
     pos = torch.arange(h.shape[1]).unsqueeze(0)
     pe = dec.rotary_emb(h, position_ids=pos)
-    mask = create_causal_mask(config=dec.config, inputs_embeds=h, attention_mask=None, cache=None,
-                              position_ids=pos)
+    # config, inputs_embeds, attention_mask, cache: positional, since transformers renamed the fourth
+    # (past_key_values up to 5.23, cache from 5.24) and the supported range spans both.
+    mask = create_causal_mask(dec.config, h, None, None, position_ids=pos)
     return pos, pe, mask
 
 

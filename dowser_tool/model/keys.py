@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..errors import DowserError
-from ..io.layout import fingerprint_agrees
 from .build import build_model, text_component
 
 # PEFT's renaming (peft/tuners/tuners_utils.py, peft/utils/other.py ModulesToSaveWrapper,
@@ -401,15 +400,11 @@ class NameMap:
         return self._to_canon[name]
 
 
-def match_names(wanted, available, rules: KeyRules, sidecar=None) -> tuple[dict[str, str], list[str]]:
+def match_names(wanted, available, rules: KeyRules) -> tuple[dict[str, str], list[str]]:
     """Pair names of one layout (a sidecar's checkpoint keys) with names of another (a model's
-    in-memory parameter names, PEFT-wrapped or not) through their canonical names.
-
-    With `sidecar` (an object with `shapes[name]` and `fingerprint(name)`, as `Sidecar`) and a model
-    of a known family (`rules.model`), a sidecar probed on a composite checkpoint (NVILA's `llm.*`,
-    a VLM's `model.language_model.*`) also reaches that language model loaded on its own: the
-    composite's prefix is mapped (`composite_alias`) when every mapped tensor's shape agrees, and
-    its fingerprint where the sidecar records one.
+    in-memory parameter names, PEFT-wrapped or not) through their canonical names. (A sidecar probed
+    on a composite reaches its language model loaded alone through `composite_prefix`: protect's
+    `_composite`.)
 
     Returns (wanted name -> available name, wanted names that match nothing). Raises DowserError
     when two available names fold to one canonical name.
@@ -427,15 +422,6 @@ def match_names(wanted, available, rules: KeyRules, sidecar=None) -> tuple[dict[
             missing.append(name)
         else:
             matched[name] = hit
-    if missing and sidecar is not None and rules.model is not None:
-        tensors = {fold_key(n): p for n, p in rules.model.named_parameters(remove_duplicate=False)}
-        tensors = {rules.canonical(n): p for n, p in tensors.items()}
-        alias = composite_alias({n: tuple(sidecar.shapes[n]) for n in missing}, tensors, rules,
-                                fingerprint=getattr(sidecar, "fingerprint", None))
-        for name, canon in alias.items():
-            if canon in by_canonical:
-                matched[name] = by_canonical[canon]
-        missing = [n for n in missing if n not in matched]
     return matched, missing
 
 
@@ -479,21 +465,19 @@ def composite_prefix(names, model_names: set, rules: KeyRules) -> tuple[str, str
     return votes.most_common(1)[0][0] if votes else None
 
 
-FINGERPRINTS_CHECKED = 16  # a composite mapping checks this many fingerprints: enough to tell another model's weights
+FINGERPRINTS_CHECKED = 16  # protect's composite mapping checks this many fingerprints: enough to tell another model's weights
 
 
-def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fingerprint=None) -> dict[str, str]:
+def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules) -> dict[str, str]:
     """{wanted name: canonical name in `tensors`} for the names of a composite checkpoint (a VLM, NVILA)
     whose language model `tensors` holds on its own, else {}.
 
-    `wanted`: {name: shape} of names that match nothing directly; `tensors`: {canonical name: tensor
-    or shape} of the model alone. The composite's prefix P and the model's Q (`llm.` -> ``,
+    `wanted`: {name: shape} of names that match nothing directly; `tensors`: {canonical name: shape}
+    of the model alone. The composite's prefix P and the model's Q (`llm.` -> ``,
     `model.language_model.` -> `model.`, `language_model.model.` -> `model.`) come from the longest
-    dotted suffixes that name exactly one tensor of the model; the most common (P, Q) is taken, and
-    applies only if every wanted name under P maps to a tensor of the same shape. Where
-    `fingerprint(name)` records one, the weight must have that fingerprint (in its dtype or a float
-    dtype checkpoints are stored in: the model may be loaded upcast), else DowserError: same shapes,
-    other weights."""
+    dotted suffixes that name exactly one tensor of the model (`composite_prefix`); the most common
+    (P, Q) is taken, and applies only if every wanted name under P maps to a tensor of the same
+    shape. Fingerprints are checked as the merge reads BASE (`repair.plan.MergePlan.check_fingerprint`)."""
     pair = composite_prefix(wanted, set(tensors), rules)
     if pair is None:
         return {}
@@ -507,19 +491,6 @@ def composite_alias(wanted: dict[str, tuple], tensors: dict, rules: KeyRules, fi
         if target not in tensors or _shape(tensors[target]) != tuple(wanted[name]):
             return {}
         alias[name] = target
-    checked = 0
-    for name, target in alias.items():
-        expected = fingerprint(name) if fingerprint is not None else None
-        if expected is None or not torch.is_tensor(tensors[target]) or tensors[target].device.type == "meta":
-            continue
-        if not fingerprint_agrees(tensors[target], expected):
-            raise DowserError(
-                f"the mask was probed on a model holding this one under {p!r} ({name!r}), but {target!r} is not the "
-                f"weight it was probed on (its fingerprint differs in {tensors[target].dtype} and every storage dtype): "
-                "another model, or loaded in a narrower dtype than it is stored in")
-        checked += 1
-        if checked >= FINGERPRINTS_CHECKED:
-            break
     return alias
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-BATCHED = (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)
+BATCHED = (torch.bmm, torch.Tensor.bmm, torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__)  # products that batch 3-D operands
 
 
 def stack_layout(module: nn.Module, converter, stored_shape, param_shape, name: str = "") -> bool | None:

@@ -72,9 +72,6 @@ class PassRunner:
         self.s, self.runner, self.sel, self.inputs, self.progress = settings, runner, selection, inputs, progress
         self.side_inputs: dict[int, list] = {}
 
-    def check_finite(self, t: torch.Tensor, what: str, layer: int | None) -> None:
-        check_finite(self.runner, t, what, layer)
-
     # ---- the call trace -------------------------------------------------
     def trace_calls(self, images: bool) -> None:
         """One stem forward (and backward, with images) on the first batch, before any statistics
@@ -173,7 +170,7 @@ class PassRunner:
                 handles = [] if needs_grad else rec.attach(by_layer[i], runner.model)
                 for b, _ in batches:
                     h = captured[b].call(i, layer, store.get(b, i), runner.tuple_out)
-                    self.check_finite(h, "activations", i)
+                    check_finite(self.runner, h, "activations", i)
                     store.put(b, i + 1, h)
                     if not needs_grad:
                         rec.finish_update(by_layer[i])
@@ -192,14 +189,14 @@ class PassRunner:
             with torch.enable_grad():
                 logits = self.runner.head_logits(top)
                 xi = rademacher(s.seed, b, s.draws, logits.shape).to(logits.device, logits.dtype)
-                self.check_finite(logits, "logits", None)
+                check_finite(self.runner, logits, "logits", None)
                 grads[b] = [
                     torch.autograd.grad((xi[d] * logits).sum() / logits.shape[0], top,
                                         retain_graph=d < s.draws - 1)[0]
                     for d in range(s.draws)
                 ]
             for g in grads[b]:
-                self.check_finite(g, "gradients", None)
+                check_finite(self.runner, g, "gradients", None)
             store.drop(b, n_layers)
         return grads
 
@@ -248,7 +245,7 @@ class PassRunner:
             g = torch.autograd.grad(ys, wrt, gys, retain_graph=d < draws - 1, allow_unused=True)
             if leaves:
                 captured.carried.carry(leaves, g[1 + len(keys):], d, draws)
-            self.check_finite(g[0], "gradients", i)
+            check_finite(self.runner, g[0], "gradients", i)
             out.append(g[0])
             for k, gk, t in zip(keys, g[1:], side.values()):
                 end_grads.setdefault(("side", i, k), [None] * draws)[d] = torch.zeros_like(t) if gk is None else gk

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..model.anatomy import Weight
-from ..model.experts import is_stack
+from ..model.experts import BATCHED, is_stack
 
 
 def _reduce(t: torch.Tensor, rms: bool) -> torch.Tensor:
@@ -224,5 +224,4 @@ def _own_forward(module) -> bool:
     return isinstance(module, torch.nn.Linear) and type(module).forward is not torch.nn.Linear.forward
 
 
-_MATMULS = (torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__, torch.mm, torch.Tensor.mm, torch.bmm,
-            torch.Tensor.bmm)
+_MATMULS = BATCHED + (torch.mm, torch.Tensor.mm)  # x @ W[e], one expert at a time, or bmm over all of them

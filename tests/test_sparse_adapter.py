@@ -233,6 +233,11 @@ def test_bad_inputs_raise_one_line_errors(llama, sidecar, tmp_path):
         (lambda: sparse_adapter(get_peft_model(load(llama), LoraConfig(target_modules=["q_proj"])), sidecar),
          "not a PEFT-wrapped one"),
         (lambda: sparse_adapter(load(llama), tmp_path / "missing.dowser.safetensors"), "no such file"),
+        (lambda: sparse_adapter(load(llama), 3), "sidecar must be a path, Hub reference, Sidecar or dict, got int"),
+        (lambda: sparse_adapter(load(llama), {"model.layers.0.mlp.up_proj.weight": torch.zeros(136, 64, dtype=bool)},
+                                revision="main"), "revision= applies to a sidecar path or Hub reference"),
+        (lambda: sparse_adapter(load(llama), Sidecar(str(sidecar)), revision="main"),
+         "revision= applies to a sidecar path or Hub reference"),
     ]
     for call, message in cases:
         with pytest.raises(DowserError) as e:

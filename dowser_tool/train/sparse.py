@@ -202,16 +202,13 @@ def _zero_padding_grads(peft_model, padded: dict, trainable: dict, adapter_name:
 
 
 def _mask_source(sidecar, revision) -> _MaskSource:
-    """The masks as `protect` reads them (a Sidecar, or a dict of Bool masks)."""
+    """The masks as `protect` reads them (`protect._MaskSource`: a sidecar path, Hub reference or Sidecar,
+    or a dict of masks, here made Bool tensors)."""
     if isinstance(sidecar, dict):
-        if revision is not None:
-            raise DowserError("revision= applies to a sidecar path or Hub reference, not to a dict of masks")
-        return _MaskSource({n: torch.as_tensor(m).to(torch.bool) for n, m in sidecar.items()})
-    if not isinstance(sidecar, Sidecar):
-        if not isinstance(sidecar, (str, os.PathLike)):
-            raise DowserError(f"sidecar must be a path, Hub reference, Sidecar or dict, got {type(sidecar).__name__}")
-        sidecar = Sidecar(os.fspath(sidecar), revision)
-    return _MaskSource(sidecar)
+        sidecar = {n: torch.as_tensor(m).to(torch.bool) for n, m in sidecar.items()}
+    elif not isinstance(sidecar, (str, os.PathLike, Sidecar)):
+        raise DowserError(f"sidecar must be a path, Hub reference, Sidecar or dict, got {type(sidecar).__name__}")
+    return _MaskSource(sidecar, revision)
 
 
 def _mask(source: _MaskSource, name, weight, update_ratio) -> torch.Tensor:

@@ -2,27 +2,16 @@
 
 Both act on the task vector delta = FT - BASE of every tuned matrix (a dict {checkpoint name: tensor}).
 Interpolation (WiSE-FT) and the Dowser restore come from `dowser merge` (tool.merge); TIES and DARE
-from the project's own implementations (`repair_library()`), never re-implemented here.
+from the project's own implementations (`dowser_tool.repair.methods`), never re-implemented here.
 """
 
 from __future__ import annotations
 
-import importlib
 import re
 
 import torch
 
-
-def repair_library():
-    """The module holding the project's `ties`/`dare` (dowser_tool.repair, moving to dowser_tool.repair.methods)."""
-    for name in ("dowser_tool.repair.methods", "dowser_tool.repair"):
-        try:
-            mod = importlib.import_module(name)
-        except ImportError:
-            continue
-        if hasattr(mod, "ties") and hasattr(mod, "dare"):
-            return mod
-    raise ImportError("dowser_tool's ties/dare not found (dowser_tool.repair or dowser_tool.repair.methods)")
+from dowser_tool.repair import methods
 
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
@@ -67,11 +56,9 @@ def dg_hard(base: dict, ft: dict, scale: float = 1.0) -> tuple[dict, float]:
 
 
 def ties(base: dict, ft: dict, density: float) -> dict:
-    lib = repair_library()
-    return {n: lib.ties(base[n], ft[n], density) for n in ft}
+    return {n: methods.ties(base[n], ft[n], density) for n in ft}
 
 
 def dare(base: dict, ft: dict, drop: float, seed: int) -> dict:
-    lib = repair_library()
     gen = torch.Generator().manual_seed(seed)
-    return {n: lib.dare(base[n], ft[n], drop, generator=gen) for n in sorted(ft)}
+    return {n: methods.dare(base[n], ft[n], drop, generator=gen) for n in sorted(ft)}
